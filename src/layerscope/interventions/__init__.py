@@ -1,0 +1,10 @@
+"""Reversible changes to a model, all used through ``intervene(model, ...)``."""
+
+from .base import Intervention, first_changed_block, intervene
+from .blocks import PassthroughBlock, SkipBlock, StartFromCache, block_returns_tuple
+from .weights import RoleEdit, ZeroRole
+
+__all__ = [
+    "Intervention", "intervene", "first_changed_block", "SkipBlock", "StartFromCache",
+    "PassthroughBlock", "block_returns_tuple", "RoleEdit", "ZeroRole",
+]

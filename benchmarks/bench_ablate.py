@@ -1,0 +1,130 @@
+"""Full per-layer ablation sweep of a model, three ways side by side, on the same data.
+
+1. layerscope: the model loaded once, one baseline pass that caches the residual stream, each
+   point evaluated from its first skipped block (prefix reuse).
+2. in-memory, no prefix reuse: the model loaded once, every point a full forward pass.
+3. reload per point: what seed research code does: load the model afresh for every point, drop the
+   block, run a full forward pass.
+
+All three use the same token windows and batches, so their losses must agree.
+Usage: python benchmarks/bench_ablate.py [--model smollm2-135m] [--samples 16] [--seq-len 128]
+           [--device cpu] [--dtype float32] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerscope.analyses.ablation import run_ablation, window_centres
+from layerscope.data import lm_sequences, load_texts
+from layerscope.evaluate.engine import Evaluator
+from layerscope.interventions import SkipBlock, intervene
+from layerscope.models import architecture, load_model
+from layerscope.runner import ResultsStore
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="builtin")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--skip-reload", action="store_true", help="skip the slow reload-per-point way")
+    parser.add_argument("--write", default=None, help="append a results section to this markdown file")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    load_seconds = time.perf_counter() - t0
+    seqs = lm_sequences(tok, load_texts(args.data), seq_len=args.seq_len, samples=args.samples, seed=0)
+    pad = tok.pad_token_id
+    num_layers = architecture(model).num_layers
+    centres = window_centres(num_layers, 1)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+    # 1. layerscope (including its SQLite store, as the CLI runs it)
+    with tempfile.TemporaryDirectory() as tmp, ResultsStore(Path(tmp) / "r.sqlite") as store:
+        sync(); t = time.perf_counter()
+        result = run_ablation(model, seqs, store=store, run_parts={"bench": 1}, pad_id=pad, progress=False)
+        sync(); ours_s = time.perf_counter() - t
+    ours = np.array([r["loss"] for r in result.rows])
+
+    # 2. in memory, every point a full forward pass
+    evaluator = Evaluator(model, seqs, pad_id=pad)
+    sync(); t = time.perf_counter()
+    base = evaluator.score().mean_loss
+    naive = np.array([evaluator.score([SkipBlock([c])]).mean_loss for c in centres])
+    sync(); naive_s = time.perf_counter() - t
+
+    # 3. reload the model for every point
+    reload_s, reload = float("nan"), np.full(len(centres), np.nan)
+    if not args.skip_reload:
+        del evaluator, model
+        gc.collect()
+        sync(); t = time.perf_counter()
+        fresh, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+        Evaluator(fresh, seqs, pad_id=pad).score()  # the baseline, as the seed loop computes it
+        del fresh
+        for i, c in enumerate(centres):
+            fresh, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+            with intervene(fresh, SkipBlock([c])):
+                reload[i] = Evaluator(fresh, seqs, pad_id=pad).score().mean_loss
+            del fresh
+            gc.collect()
+        sync(); reload_s = time.perf_counter() - t
+
+    diff_naive = float(np.abs(ours - naive).max())
+    diff_reload = float(np.nanmax(np.abs(ours - reload))) if not args.skip_reload else float("nan")
+    tokens = sum(len(s) for s in seqs)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"### ablate: {args.model}, {num_layers} layers, {len(seqs)} x {args.seq_len} tokens ({tokens} tokens), "
+        f"{model.dtype if not args.skip_reload else args.dtype or 'float32'}",
+        "",
+        f"- machine: {machine()}; device {args.device or 'auto'}; commit {commit}",
+        f"- command: `python benchmarks/bench_ablate.py --model {args.model} --samples {args.samples} "
+        f"--seq-len {args.seq_len}{' --device ' + args.device if args.device else ''}{' --dtype ' + args.dtype if args.dtype else ''}`",
+        f"- model load: {load_seconds:.2f} s; baseline loss {base:.4f}",
+        "",
+        "| way | time (s) | ratio to layerscope | max abs loss difference |",
+        "| --- | ---: | ---: | ---: |",
+        f"| layerscope (prefix reuse) | {ours_s:.2f} | 1.00 | 0 |",
+        f"| in-memory, no prefix reuse | {naive_s:.2f} | {naive_s / ours_s:.2f} | {diff_naive:.2e} |",
+        f"| reload per point | {reload_s:.2f} | {reload_s / ours_s:.2f} | {diff_reload:.2e} |",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        with open(args.write, "a") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

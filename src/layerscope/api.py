@@ -1,0 +1,115 @@
+"""The public Python API behind the CLI: each function runs one job and returns typed results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import __version__
+from .analyses.ablation import AblationResult, run_ablation
+from .data import (instruction_sequences, lm_sequences, load_instructions, load_mc, load_texts,
+                   mc_sequences)
+from .errors import LayerscopeError
+from .evaluate.engine import Evaluator
+from .evaluate.tasks import mc_from_scores
+from .models import load_model, model_fingerprint
+from .runner import ResultsStore, RunFolder
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise LayerscopeError(f"{name} {value} is out of range: must be at least {minimum}")
+
+
+def ablate(
+    model: str = "smollm2-135m",
+    *,
+    window: int = 1,
+    role: str | None = None,
+    data: str = "builtin",
+    samples: int = 16,
+    seq_len: int = 128,
+    out: str | Path | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+    reuse_prefix: bool = True,
+    progress: bool = True,
+) -> tuple[AblationResult, Path]:
+    """Skip each block (or window, or zero a role) in turn; write the run folder; return the result."""
+    _check_positive("samples", samples)
+    _check_positive("seq-len", seq_len, 2)
+    texts = load_texts(data)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, seed=seed)
+    sequences = lm_sequences(tokenizer, texts, seq_len=seq_len, samples=samples, seed=seed)
+    folder = RunFolder(Path(out) if out else None, "ablate")
+    fp = model_fingerprint(loaded)
+    config = {"analysis": "ablate", "model": model, "window": window, "role": role, "data": data,
+              "samples": samples, "seq_len": seq_len, "dtype": str(loaded.dtype), "device": str(loaded.device),
+              "reuse_prefix": reuse_prefix, "n_sequences": len(sequences)}
+    run_parts = {"model_fingerprint": fp, "data": data, "samples": samples, "seq_len": seq_len, "seed": seed,
+                 "dtype": str(loaded.dtype), "version": __version__}
+    folder.write_run_json(config, seed=seed, fingerprint={"model": fp, **run_parts})
+    with ResultsStore(folder.store_path) as store:
+        result = run_ablation(loaded, sequences, window=window, role=role, store=store, run_parts=run_parts,
+                              pad_id=_pad_id(tokenizer), reuse_prefix=reuse_prefix, progress=progress)
+    result.config.update(config)
+    frame = result.to_frame()
+    folder.write_table(frame)
+    figure = result.plot(folder.path("ablation.png"))
+    from .report.html import write_report
+
+    write_report(
+        folder.path("report.html"),
+        title=f"Layer ablation of {model}",
+        summary={**config, "baseline_loss": float(frame["baseline_loss"].iloc[0]),
+                 "most_important_layer": int(frame.loc[frame["delta"].idxmax(), "layer"])},
+        table=frame, figures=[figure],
+        notes=["delta = loss with the window skipped minus the unchanged model's loss (nats per token)."],
+    )
+    return result, folder.out
+
+
+def evaluate_model(
+    model: str = "smollm2-135m",
+    *,
+    data: str | None = "builtin",
+    instructions: str | None = None,
+    template: str = "dolly",
+    tasks: list[str] | tuple[str, ...] = (),
+    samples: int = 32,
+    seq_len: int = 256,
+    stride: int | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+    loaded=None,
+) -> list[dict]:
+    """Perplexity, instruction loss and multiple-choice accuracy as rows {source, metric, value, n}."""
+    _check_positive("samples", samples)
+    if loaded is None:
+        loaded = load_model(model, dtype=dtype, device=device, seed=seed)
+    net, tokenizer = loaded
+    pad = _pad_id(tokenizer)
+    rows: list[dict] = []
+    if data:
+        seqs = lm_sequences(tokenizer, load_texts(data), seq_len=seq_len, stride=stride, samples=samples, seed=seed)
+        scores = Evaluator(net, seqs, pad_id=pad).score()
+        rows += [{"source": data, "metric": "loss", "value": scores.mean_loss, "n": int(scores.n_targets.sum())},
+                 {"source": data, "metric": "perplexity", "value": scores.perplexity, "n": int(scores.n_targets.sum())}]
+    if instructions:
+        examples = load_instructions(instructions, limit=samples, seed=seed)
+        seqs = instruction_sequences(tokenizer, examples, template)
+        scores = Evaluator(net, seqs, pad_id=pad).score()
+        rows.append({"source": f"{instructions} ({template})", "metric": "instruction_loss",
+                     "value": scores.mean_loss, "n": int(scores.n_targets.sum())})
+    for task in tasks:
+        items = load_mc(task, limit=samples, seed=seed)
+        seqs = mc_sequences(tokenizer, items)
+        result = mc_from_scores(items, seqs, Evaluator(net, seqs, pad_id=pad).score())
+        rows += [{"source": task, "metric": "acc", "value": result.acc, "n": result.n_items},
+                 {"source": task, "metric": "acc_norm", "value": result.acc_norm, "n": result.n_items}]
+    return rows

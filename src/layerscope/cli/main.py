@@ -1,0 +1,149 @@
+"""The `layerscope` command: thin wrappers that parse, call the API, and say where results went."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import LayerscopeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find out which layers of a transformer language model matter, why, and what to do with that.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+MODEL_HELP = "Registry name (see `layerscope models`), local folder, .gguf file or hub id."
+
+
+def _table(title: str, frame, columns: list[str], limit: int = 40) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for _, row in frame.head(limit).iterrows():
+        table.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    return table
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the registry's model names."""
+    from ..models.registry import describe_registry
+
+    table = Table(title="layerscope models")
+    for col in ("name", "kind", "description"):
+        table.add_column(col)
+    for row in describe_registry():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command("fetch")
+def fetch_cmd(name: str = typer.Argument("smollm2-135m", help="Embedded model to download and convert.")) -> None:
+    """Download and convert an embedded model into the cache (done once)."""
+    from ..models.embedded import fetch_embedded
+
+    path = fetch_embedded(name)
+    console.print(f"{name} is ready in {path}")
+
+
+@app.command("ablate")
+def ablate_cmd(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    window: int = typer.Option(1, help="Blocks skipped together, centred on each layer."),
+    role: Optional[str] = typer.Option(None, help="Zero this role (q k v o gate up down) instead of skipping whole blocks."),
+    data: str = typer.Option("builtin", help="Text corpus: builtin, wikitext-2, tinyshakespeare, a .txt/.jsonl/.parquet file."),
+    samples: int = typer.Option(16, help="Number of token windows drawn from the corpus."),
+    seq_len: int = typer.Option(128, help="Tokens per window."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/ablate-<timestamp>)."),
+    seed: int = typer.Option(0, help="Seed for sampling windows (and tiny model weights)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available)."),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="Disable prefix reuse (for comparison)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Skip each block (or window) in turn and report the loss change per layer."""
+    from ..api import ablate
+
+    result, folder = ablate(
+        model, window=window, role=role, data=data, samples=samples, seq_len=seq_len, out=out,
+        seed=seed, dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet,
+    )
+    frame = result.to_frame().sort_values("delta", ascending=False)
+    console.print(_table("layers by loss change (largest first)", frame, ["layer", "layers", "loss", "delta"], limit=10))
+    console.print(f"baseline loss {frame['baseline_loss'].iloc[0]:.4f}; results in {folder}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, help="Text corpus for perplexity."),
+    instructions: Optional[str] = typer.Option(None, help="Instruction file for response-only loss."),
+    template: str = typer.Option("dolly", help="Instruction template: dolly, alpaca, chat."),
+    task: list[str] = typer.Option([], help="Multiple-choice task name or .mc.jsonl path (repeatable)."),
+    samples: int = typer.Option(32, help="Windows, examples or items drawn from each source."),
+    seq_len: int = typer.Option(256, help="Tokens per perplexity window."),
+    stride: Optional[int] = typer.Option(None, help="Perplexity stride (default: seq_len)."),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Perplexity, instruction loss and multiple-choice accuracy, in one table."""
+    from ..api import evaluate_model
+
+    if not (data or instructions or task):
+        data = "builtin"
+    rows = evaluate_model(model, data=data, instructions=instructions, template=template, tasks=task,
+                    samples=samples, seq_len=seq_len, stride=stride, seed=seed, dtype=dtype, device=device)
+    table = Table(title=f"evaluation of {model}")
+    for col in ("source", "metric", "value", "n"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(row["source"], row["metric"], f"{row['value']:.4f}", str(row["n"]))
+    console.print(table)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    prompt: list[str] = typer.Option(..., help="Prompt (repeatable)."),
+    max_new_tokens: int = typer.Option(32),
+    chat: bool = typer.Option(False, help="Wrap each prompt in the tokenizer's chat template."),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Greedy generation for the given prompts."""
+    from ..evaluate.generation import generate
+    from ..models import load_model
+
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, seed=seed)
+    for text, completion in zip(prompt, generate(loaded, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat)):
+        console.print(f"[bold]{text}[/bold]", end="")
+        console.print(completion, markup=False, highlight=False)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except LayerscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console.print("interrupted: finished points are stored; run the same command again to resume")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

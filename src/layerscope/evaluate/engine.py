@@ -1,0 +1,187 @@
+"""The batched forward engine every evaluation runs on, with prefix reuse.
+
+A change at block ``i`` leaves blocks ``0..i-1`` untouched, so their outputs on the evaluation
+set are the same for every variant of a sweep. :meth:`Evaluator.capture` runs the unchanged
+model once and keeps the residual stream entering chosen blocks (a :class:`ResidualCache`);
+:meth:`Evaluator.score` with ``reuse=`` then starts each batch at the first block the
+interventions change and runs only the blocks from there on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import make_batches
+from ..data.sequences import Batch, ScoredSequence
+from ..errors import LayerscopeError
+from ..interventions import Intervention, StartFromCache, first_changed_block, intervene
+from ..models.architecture import architecture
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass
+class SequenceScores:
+    """Summed log-likelihood of the scored tokens of each sequence, in the sequences' order."""
+
+    logprob: np.ndarray  # float64, shape (n_sequences,)
+    n_targets: np.ndarray  # int64, shape (n_sequences,)
+
+    @property
+    def mean_loss(self) -> float:
+        """Token-weighted mean negative log-likelihood (nats per scored token)."""
+        total = int(self.n_targets.sum())
+        if total == 0:
+            raise LayerscopeError("no scored tokens: every sequence is too short or fully masked")
+        return float(-self.logprob.sum() / total)
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.mean_loss))
+
+
+class ResidualCache:
+    """Inputs of chosen blocks, per batch; in memory up to a byte budget, then on disk."""
+
+    def __init__(self, budget_bytes: int | None = None, store_device: torch.device | str = "cpu"):
+        env = os.environ.get("LAYERSCOPE_RESIDUAL_BUDGET_GB")
+        default = float(env) * 2**30 if env else 8 * 2**30
+        self.budget_bytes = int(default if budget_bytes is None else budget_bytes)
+        self.store_device = torch.device(store_device)
+        self._memory: dict[tuple[int, int], torch.Tensor] = {}
+        self._disk: dict[tuple[int, int], Path] = {}
+        self._used = 0
+        self._spill_dir: tempfile.TemporaryDirectory | None = None
+        self.blocks: set[int] = set()
+
+    def put(self, batch: int, block: int, state: torch.Tensor) -> None:
+        state = state.detach()
+        size = state.numel() * state.element_size()
+        if self._used + size <= self.budget_bytes:
+            self._memory[(batch, block)] = state.to(self.store_device, copy=True)
+            self._used += size
+        else:
+            if self._spill_dir is None:
+                self._spill_dir = tempfile.TemporaryDirectory(prefix="layerscope-residual-")
+            path = Path(self._spill_dir.name) / f"b{batch}_l{block}.pt"
+            torch.save(state.cpu().clone(), path)
+            self._disk[(batch, block)] = path
+        self.blocks.add(block)
+
+    def get(self, batch: int, block: int, device: torch.device) -> torch.Tensor:
+        if (batch, block) in self._memory:
+            return self._memory[(batch, block)].to(device)
+        return torch.load(self._disk[(batch, block)], map_location=device)
+
+    @property
+    def bytes_in_memory(self) -> int:
+        return self._used
+
+    @property
+    def spilled(self) -> int:
+        return len(self._disk)
+
+    def best_start(self, wanted: int) -> int:
+        """The largest cached block ``<= wanted`` (0 when none: start from the embeddings)."""
+        usable = [b for b in self.blocks if b <= wanted]
+        return max(usable) if usable else 0
+
+
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class Evaluator:
+    """Scores a fixed list of sequences under any interventions, batched by length."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sequences: Sequence[ScoredSequence],
+        *,
+        pad_id: int = 0,
+        batch_size: int | None = None,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    ):
+        if not sequences:
+            raise LayerscopeError("empty data set: nothing to evaluate")
+        self.model = model
+        self.arch = architecture(model)
+        self.sequences = list(sequences)
+        if batch_size is not None:
+            max_tokens = None
+        self.batches: list[Batch] = make_batches(self.sequences, batch_size=batch_size, max_tokens=max_tokens, pad_id=pad_id)
+        self.device = next(model.parameters()).device
+        self.block_forwards = 0  # number of (batch, block) forwards run, for accounting
+
+    def _forward_logprobs(self, batch: Batch) -> torch.Tensor:
+        ids, mask, target = batch.input_ids, batch.attention_mask, batch.target_mask
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        shifted = target[:, 1:]
+        selected = logits[:, :-1][shifted].float()
+        token_lp = -F.cross_entropy(selected, ids[:, 1:][shifted], reduction="none")
+        rows = shifted.nonzero()[:, 0]
+        return torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device).index_add_(0, rows, token_lp.double())
+
+    def _collect(self, per_batch: list[tuple[Batch, torch.Tensor]]) -> SequenceScores:
+        logprob = np.zeros(len(self.sequences), dtype=np.float64)
+        n_targets = np.array([s.num_targets for s in self.sequences], dtype=np.int64)
+        for batch, values in per_batch:
+            logprob[batch.index] = values.cpu().numpy()
+        return SequenceScores(logprob, n_targets)
+
+    @torch.inference_mode()
+    def score(
+        self, interventions: Sequence[Intervention] = (), *, reuse: ResidualCache | None = None
+    ) -> SequenceScores:
+        """Score every sequence with the interventions applied.
+
+        With ``reuse``, each batch starts at the latest cached block not after the first block
+        the interventions change; the result equals a full forward pass.
+        """
+        interventions = list(interventions)
+        start = 0
+        if reuse is not None and interventions:
+            start = reuse.best_start(first_changed_block(self.model, interventions))
+        results = []
+        with intervene(self.model, *interventions):
+            for b, batch in enumerate(self.batches):
+                batch = batch.to(self.device)
+                prefix = [StartFromCache(start, reuse.get(b, start, self.device))] if start else []
+                with intervene(self.model, *prefix):
+                    results.append((batch, self._forward_logprobs(batch)))
+                self.block_forwards += self.arch.num_layers - start
+        return self._collect(results)
+
+    @torch.inference_mode()
+    def capture(
+        self, blocks: Iterable[int], *, cache: ResidualCache | None = None
+    ) -> tuple[SequenceScores, ResidualCache]:
+        """Run the model as it is, keeping the input of each block in ``blocks``; also score it."""
+        cache = cache or ResidualCache(store_device=self.device if self.device.type == "cuda" else "cpu")
+        wanted = sorted({b for b in blocks if 0 < b < self.arch.num_layers})
+        current = {"batch": 0}
+        handles = []
+        for b in wanted:
+            def hook(_module, args, kwargs, block=b):
+                cache.put(current["batch"], block, _block_input(args, kwargs))
+            handles.append(self.arch.block(b).register_forward_pre_hook(hook, with_kwargs=True))
+        results = []
+        try:
+            for i, batch in enumerate(self.batches):
+                current["batch"] = i
+                batch = batch.to(self.device)
+                results.append((batch, self._forward_logprobs(batch)))
+                self.block_forwards += self.arch.num_layers
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self._collect(results), cache

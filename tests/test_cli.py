@@ -1,0 +1,101 @@
+"""The CLI end to end on tiny models, and its error messages (exit code 2, one line, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from layerscope.cli.main import main
+
+
+def run_cli(args, capsys):
+    sys_argv = sys.argv
+    sys.argv = ["layerscope", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = sys_argv
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_ablate_writes_a_complete_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["ablate", "tiny-llama", "--samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    frame = pd.read_csv(out / "results.csv")
+    assert list(frame.columns[:4]) == ["layer", "window_start", "window_end", "layers"]
+    assert {"layer", "loss", "baseline_loss", "delta"} <= set(frame.columns)
+    assert frame["layer"].tolist() == [0, 1, 2, 3]
+    assert (frame["delta"] - (frame["loss"] - frame["baseline_loss"])).abs().max() < 1e-12
+    assert pd.read_parquet(out / "results.parquet").shape == frame.shape
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 0 and run["config"]["model"] == "tiny-llama"
+    assert (out / "ablation.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "tiny-llama" in html
+    assert str(out) in stdout.replace("\n", "")
+
+
+def test_ablate_rerun_resumes_without_recomputing(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["ablate", "tiny-gpt2", "--samples", "3", "--seq-len", "24", "--window", "3", "--out", str(out), "--quiet"]
+    assert run_cli(args, capsys)[0] == 0
+    first = pd.read_csv(out / "results.csv")
+    assert first["layer"].tolist() == [1, 2]  # only whole windows of 3 in a 4-layer model
+    assert first["layers"].tolist() == ["0,1,2", "1,2,3"]
+    assert run_cli(args, capsys)[0] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), first)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["ablate", "no-such-model"], "unknown model 'no-such-model'"),
+    (["ablate", "tiny-llama", "--window", "9"], "window 9 is out of range"),
+    (["ablate", "tiny-llama", "--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    (["ablate", "tiny-llama", "--samples", "0"], "samples 0"),
+    (["ablate", "tiny-llama", "--role", "gate_proj"], "role 'gate_proj'"),
+    (["evaluate", "tiny-llama", "--task", "/nonexistent/x.mc.jsonl"], "/nonexistent/x.mc.jsonl"),
+    (["generate", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens 0"),
+    (["ablate", "tiny-llama", "--dtype", "float8"], "unknown dtype 'float8'"),
+])
+def test_bad_input_exits_2_with_one_line(args, fragment, capsys, tmp_path):
+    code, _out, err = run_cli([*args, *(["--out", str(tmp_path / "o")] if args[0] == "ablate" else [])], capsys)
+    assert code == 2
+    assert fragment in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_empty_data_set_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    code, _, err = run_cli(["ablate", "tiny-llama", "--data", str(empty), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "empty" in err.lower() and "Traceback" not in err
+
+
+def test_help_lists_every_command():
+    result = subprocess.run([sys.executable, "-m", "layerscope", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("ablate", "evaluate", "generate", "models", "fetch"):
+        assert command in result.stdout
+
+
+def test_subprocess_error_has_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "layerscope", "ablate", "tiny-llama", "--window", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: window 0 is out of range: allowed 1..4 for this 4-layer model"
+
+
+def test_evaluate_and_generate_on_a_tiny_model(capsys):
+    code, out, err = run_cli(["evaluate", "tiny-llama", "--samples", "3", "--seq-len", "32"], capsys)
+    assert code == 0, err
+    assert "perplexity" in out
+    code, out, err = run_cli(["generate", "tiny-llama", "--prompt", "Hello", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert "Hello" in out
