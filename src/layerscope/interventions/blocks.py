@@ -37,10 +37,12 @@ def block_returns_tuple(model: nn.Module) -> bool:
 class PassthroughBlock(nn.Module):
     """Stands in for a block: returns its input (identity) or, with ``inject``, a given tensor."""
 
-    def __init__(self, as_tuple: bool, inject: torch.Tensor | None = None):
+    def __init__(self, as_tuple: bool, inject: torch.Tensor | None = None, original: nn.Module | None = None):
         super().__init__()
         self.as_tuple = as_tuple
         self.inject = inject
+        # Not a registered submodule: the model's parameters and state_dict stay as they were.
+        object.__setattr__(self, "_layerscope_original", original)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = hidden_states if self.inject is None else self.inject
@@ -52,6 +54,10 @@ def swap_blocks(model: nn.Module, replacements: dict[int, nn.Module]) -> Undo:
     blocks = architecture(model).blocks()
     originals = {i: blocks[i] for i in replacements}
     for i, module in replacements.items():
+        if isinstance(module, PassthroughBlock) and module._layerscope_original is None:
+            current = originals[i]
+            inner = getattr(current, "_layerscope_original", None)
+            object.__setattr__(module, "_layerscope_original", current if inner is None else inner)
         blocks[i] = module
 
     def undo() -> None:

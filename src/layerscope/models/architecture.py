@@ -363,8 +363,10 @@ class Architecture:
         return _get(self.model, self.spec.blocks)
 
     def block(self, i: int) -> nn.Module:
-        """Decoder block ``i``."""
-        return self.blocks()[self._layer(i)]
+        """Decoder block ``i`` (the real one, also while an intervention has swapped in a stand-in)."""
+        block = self.blocks()[self._layer(i)]
+        original = getattr(block, "_layerscope_original", None)
+        return block if original is None else original
 
     def block_container(self) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` holding the block list: ``setattr(parent, attribute, other)`` swaps it."""

