@@ -110,6 +110,7 @@ class Evaluator:
         pad_id: int = 0,
         batch_size: int | None = None,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        head_chunk: int = 256,
     ):
         if not sequences:
             raise LayerscopeError("empty data set: nothing to evaluate")
@@ -121,15 +122,26 @@ class Evaluator:
         self.batches: list[Batch] = make_batches(self.sequences, batch_size=batch_size, max_tokens=max_tokens, pad_id=pad_id)
         self.device = next(model.parameters()).device
         self.block_forwards = 0  # number of (batch, block) forwards run, for accounting
+        self.head_chunk = head_chunk
 
     def _forward_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Summed log-probability of each row's scored tokens.
+
+        The head runs only on scored positions and in chunks of ``head_chunk`` rows, so the
+        ``(tokens, vocabulary)`` logits are never materialised at once (on a CPU the softmax over a
+        49k vocabulary is memory-bound; chunks stay in cache)."""
         ids, mask, target = batch.input_ids, batch.attention_mask, batch.target_mask
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        hidden = self.arch.base_model()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         shifted = target[:, 1:]
-        selected = logits[:, :-1][shifted].float()
-        token_lp = -F.cross_entropy(selected, ids[:, 1:][shifted], reduction="none")
+        selected = hidden[:, :-1][shifted]
+        labels = ids[:, 1:][shifted]
+        token_lp = torch.empty(labels.shape[0], dtype=torch.float64, device=ids.device)
+        for lo in range(0, labels.shape[0], self.head_chunk):
+            logits = self.arch.logits(selected[lo : lo + self.head_chunk]).float()
+            picked = logits.gather(1, labels[lo : lo + self.head_chunk, None])[:, 0]
+            token_lp[lo : lo + self.head_chunk] = (picked - torch.logsumexp(logits, dim=-1)).double()
         rows = shifted.nonzero()[:, 0]
-        return torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device).index_add_(0, rows, token_lp.double())
+        return torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device).index_add_(0, rows, token_lp)
 
     def _collect(self, per_batch: list[tuple[Batch, torch.Tensor]]) -> SequenceScores:
         logprob = np.zeros(len(self.sequences), dtype=np.float64)

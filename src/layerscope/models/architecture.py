@@ -395,6 +395,19 @@ class Architecture:
         mods = [self.final_norm()] + [_get(self.model, p, None) for p in self.spec.head_extras]
         return [m for m in mods if m is not None] + [self.lm_head()]
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the base model's last hidden state (already through the final norm):
+        ``lm_head``, then the final logit soft-cap where the family has one (Gemma 2/3)."""
+        out = self.lm_head()(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def base_model(self) -> nn.Module:
+        """The model without its head: its output's ``last_hidden_state`` feeds :meth:`logits`."""
+        return self.model.base_model
+
     def norms(self, layer: int) -> dict[str, nn.Module]:
         """The block's norms by neutral name: ``attn_norm`` (before attention), ``mlp_norm`` (before the
         MLP), and where present ``post_attn_norm``/``post_mlp_norm`` (Gemma 2/3, on the sublayer
