@@ -93,7 +93,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     hf_logging.disable_progress_bar()
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    from .loading import _quiet_tqdm
+
+    with _quiet_tqdm():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     strip_gguf_quantizer(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

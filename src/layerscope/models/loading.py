@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +49,19 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+@contextmanager
+def _quiet_tqdm():
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
 def _from_folder(folder: str, *, dtype, token=None, gguf_file: str | None = None):
     from transformers.utils import logging as hf_logging
 
@@ -58,7 +72,8 @@ def _from_folder(folder: str, *, dtype, token=None, gguf_file: str | None = None
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **kwargs)
+    with _quiet_tqdm():  # transformers' GGUF reader draws its own tqdm bar
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **kwargs)
     if gguf_file:
         strip_gguf_quantizer(model)
     return model, tokenizer
