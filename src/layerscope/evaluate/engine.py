@@ -110,7 +110,7 @@ class Evaluator:
         pad_id: int = 0,
         batch_size: int | None = None,
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
-        head_chunk: int = 256,
+        head_chunk: int = 2048,
     ):
         if not sequences:
             raise LayerscopeError("empty data set: nothing to evaluate")
@@ -127,9 +127,9 @@ class Evaluator:
     def _forward_logprobs(self, batch: Batch) -> torch.Tensor:
         """Summed log-probability of each row's scored tokens.
 
-        The head runs only on scored positions and in chunks of ``head_chunk`` rows, so the
-        ``(tokens, vocabulary)`` logits are never materialised at once (on a CPU the softmax over a
-        49k vocabulary is memory-bound; chunks stay in cache)."""
+        The head runs only on scored positions (instruction and multiple-choice sets score few of
+        them) and in chunks of ``head_chunk`` rows, which bounds the memory of the
+        ``(tokens, vocabulary)`` logits."""
         ids, mask, target = batch.input_ids, batch.attention_mask, batch.target_mask
         hidden = self.arch.base_model()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         shifted = target[:, 1:]
@@ -138,8 +138,8 @@ class Evaluator:
         token_lp = torch.empty(labels.shape[0], dtype=torch.float64, device=ids.device)
         for lo in range(0, labels.shape[0], self.head_chunk):
             logits = self.arch.logits(selected[lo : lo + self.head_chunk]).float()
-            picked = logits.gather(1, labels[lo : lo + self.head_chunk, None])[:, 0]
-            token_lp[lo : lo + self.head_chunk] = (picked - torch.logsumexp(logits, dim=-1)).double()
+            nll = F.cross_entropy(logits, labels[lo : lo + self.head_chunk], reduction="none")
+            token_lp[lo : lo + self.head_chunk] = -nll.double()
         rows = shifted.nonzero()[:, 0]
         return torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device).index_add_(0, rows, token_lp)
 

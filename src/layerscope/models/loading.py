@@ -51,15 +51,17 @@ def _prepare_tokenizer(tokenizer):
 
 @contextmanager
 def _quiet_tqdm():
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """Silence the tqdm bar transformers' GGUF reader draws (tqdm reads its env only at import)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        gguf_utils.tqdm = original
 
 
 def _from_folder(folder: str, *, dtype, token=None, gguf_file: str | None = None):
