@@ -8,6 +8,7 @@ from . import __version__
 from .analyses.ablation import AblationResult, run_ablation
 from .data import (instruction_sequences, lm_sequences, load_instructions, load_mc, load_texts,
                    mc_sequences)
+from .data.sequences import sequences_fingerprint
 from .errors import LayerscopeError
 from .evaluate.engine import Evaluator
 from .evaluate.tasks import mc_from_scores
@@ -50,7 +51,7 @@ def ablate(
     config = {"analysis": "ablate", "model": model, "window": window, "role": role, "data": data,
               "samples": samples, "seq_len": seq_len, "dtype": str(loaded.dtype), "device": str(loaded.device),
               "reuse_prefix": reuse_prefix, "n_sequences": len(sequences)}
-    run_parts = {"model_fingerprint": fp, "data": data, "samples": samples, "seq_len": seq_len, "seed": seed,
+    run_parts = {"model_fingerprint": fp, "data": data, "data_fingerprint": sequences_fingerprint(sequences), "samples": samples, "seq_len": seq_len, "seed": seed,
                  "dtype": str(loaded.dtype), "version": __version__}
     folder.write_run_json(config, seed=seed, fingerprint={"model": fp, **run_parts})
     with ResultsStore(folder.store_path) as store:
@@ -58,8 +59,7 @@ def ablate(
                               pad_id=_pad_id(tokenizer), reuse_prefix=reuse_prefix, progress=progress)
     result.config.update(config)
     frame = result.to_frame()
-    folder.write_table(frame)
-    figure = result.plot(folder.path("ablation.png"))
+    figure = result.save(folder)[-1]
     from .report.html import write_report
 
     write_report(
@@ -68,7 +68,8 @@ def ablate(
         summary={**config, "baseline_loss": float(frame["baseline_loss"].iloc[0]),
                  "most_important_layer": int(frame.loc[frame["delta"].idxmax(), "layer"])},
         table=frame, figures=[figure],
-        notes=["delta = loss with the window skipped minus the unchanged model's loss (nats per token)."],
+        notes=["delta = loss with the window skipped (or the role zeroed) minus the unchanged model's loss, "
+               "in nats per scored token; layers are numbered from 0."],
     )
     return result, folder.out
 

@@ -50,6 +50,11 @@ class AblationResult:
         frame = pd.DataFrame(self.rows)
         return frame[[c for c in RESULT_COLUMNS if c in frame] + [c for c in frame if c not in RESULT_COLUMNS]]
 
+    def save(self, folder) -> list[Path]:
+        """Write ``results.csv``/``results.parquet`` and ``ablation.png`` into a run folder."""
+        csv_path, parquet_path = folder.write_table(self.to_frame())
+        return [csv_path, parquet_path, self.plot(folder.path("ablation.png"))]
+
     def plot(self, path: str | Path) -> Path:
         from ..report.figures import bar_chart
 

@@ -64,3 +64,13 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+def sequences_fingerprint(sequences: "list[ScoredSequence]") -> str:
+    """Hash of the exact tokens and masks scored: a changed data file gives a new run id."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for seq in sequences:
+        digest.update(repr((seq.input_ids, seq.target_mask, seq.group, seq.choice)).encode())
+    return digest.hexdigest()[:16]

@@ -49,13 +49,21 @@ class SequenceScores:
 
 
 class ResidualCache:
-    """Inputs of chosen blocks, per batch; in memory up to a byte budget, then on disk."""
+    """Inputs of chosen blocks, per batch; in memory up to a byte budget, then on disk.
+
+    The budget is ``budget_bytes``, else ``$LAYERSCOPE_RESIDUAL_BUDGET_GB``, else 8 GiB (on a GPU at
+    most a quarter of its free memory). A cache is valid only for the model as it was captured:
+    interventions are undone before the next point, so that holds within a sweep.
+    """
 
     def __init__(self, budget_bytes: int | None = None, store_device: torch.device | str = "cpu"):
+        self.store_device = torch.device(store_device)
         env = os.environ.get("LAYERSCOPE_RESIDUAL_BUDGET_GB")
         default = float(env) * 2**30 if env else 8 * 2**30
+        if budget_bytes is None and self.store_device.type == "cuda" and not env:
+            # On a GPU keep at most a quarter of what is free now; the rest spills to disk.
+            default = min(default, torch.cuda.mem_get_info(self.store_device)[0] // 4)
         self.budget_bytes = int(default if budget_bytes is None else budget_bytes)
-        self.store_device = torch.device(store_device)
         self._memory: dict[tuple[int, int], torch.Tensor] = {}
         self._disk: dict[tuple[int, int], Path] = {}
         self._used = 0
