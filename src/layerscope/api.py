@@ -114,3 +114,64 @@ def evaluate_model(
         rows += [{"source": task, "metric": "acc", "value": result.acc, "n": result.n_items},
                  {"source": task, "metric": "acc_norm", "value": result.acc_norm, "n": result.n_items}]
     return rows
+
+
+def _study_sequences(tokenizer, *, data, instructions, template, samples, seq_len, seed):
+    if instructions:
+        return instruction_sequences(tokenizer, load_instructions(instructions, limit=samples, seed=seed), template)
+    return lm_sequences(tokenizer, load_texts(data), seq_len=seq_len, samples=samples, seed=seed)
+
+
+def cka_study(
+    model: str = "smollm2-135m",
+    *,
+    vs: str | None = None,
+    data: str = "builtin",
+    instructions: str | None = None,
+    template: str = "dolly",
+    samples: int = 64,
+    seq_len: int = 128,
+    pooling: str = "auto",
+    kernel: str = "linear",
+    unbiased: bool = False,
+    include_embeddings: bool = False,
+    window: int = 3,
+    out: str | Path | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+):
+    """Layer-by-layer CKA of one model (with the representation term) or between two models."""
+    from .analyses.representation import run_cka
+    from .report.html import write_report
+
+    _check_positive("samples", samples)
+    if pooling == "auto":
+        pooling = "last_prompt" if instructions else "mean"
+    net, tok = load_model(model, dtype=dtype, device=device, seed=seed)
+    kwargs = dict(data=data, instructions=instructions, template=template, samples=samples, seq_len=seq_len, seed=seed)
+    seqs = _study_sequences(tok, **kwargs)
+    other = other_tok = other_seqs = None
+    if vs:
+        other, other_tok = load_model(vs, dtype=dtype, device=device, seed=seed)
+        other_seqs = _study_sequences(other_tok, **kwargs)
+    folder = RunFolder(Path(out) if out else None, "cka")
+    config = {"analysis": "cka", "model": model, "vs": vs, "data": instructions or data,
+              "template": template if instructions else None, "samples": samples, "seq_len": seq_len,
+              "pooling": pooling, "kernel": kernel, "unbiased": unbiased, "include_embeddings": include_embeddings,
+              "window": window, "n_examples": len(seqs)}
+    folder.write_run_json(config, seed=seed, fingerprint={"model": model_fingerprint(net), "data": sequences_fingerprint(seqs),
+                                                          **({"vs": model_fingerprint(other)} if other is not None else {})})
+    result = run_cka(net, seqs, other=other, other_sequences=other_seqs, pooling=pooling, kernel=kernel,
+                     unbiased=unbiased, include_embeddings=include_embeddings, window=window,
+                     pad_id=_pad_id(tok), other_pad_id=_pad_id(other_tok) if other_tok is not None else 0)
+    result.config.update(config)
+    paths = result.save(folder)
+    summary = dict(config)
+    if result.shift is not None:
+        summary["largest_shift_layers"] = ", ".join(map(str, result.shift_layers()))
+    write_report(folder.path("report.html"), title=f"CKA of {model}" + (f" vs {vs}" if vs else ""), summary=summary,
+                 table=result.to_frame(), figures=[p for p in paths if p.suffix == ".png"],
+                 notes=["CKA between the pooled outputs of blocks (the residual stream after each block).",
+                        f"delta(l): mean CKA of layer l with layers l-{window // 2}..l+{window // 2}; small = large shift."])
+    return result, folder.out

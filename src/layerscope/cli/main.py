@@ -82,6 +82,36 @@ def ablate_cmd(
     console.print(f"baseline loss {frame['baseline_loss'].iloc[0]:.4f}; results in {folder}")
 
 
+@app.command("cka")
+def cka_cmd(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    vs: Optional[str] = typer.Option(None, help="Second model: CKA between the layers of the two."),
+    data: str = typer.Option("builtin", help="Text corpus (used when --instructions is not given)."),
+    instructions: Optional[str] = typer.Option(None, help="Instruction set: dolly, alpaca, prune_16 or a file."),
+    template: str = typer.Option("dolly", help="Instruction template: dolly, alpaca, chat."),
+    samples: int = typer.Option(64, help="Examples (or corpus windows)."),
+    seq_len: int = typer.Option(128, help="Tokens per corpus window."),
+    pooling: str = typer.Option("auto", help="last_prompt, last, mean (auto: last_prompt for instructions, else mean)."),
+    kernel: str = typer.Option("linear", help="linear or rbf."),
+    unbiased: bool = typer.Option(False, help="Unbiased HSIC estimator."),
+    embeddings: bool = typer.Option(False, help="Include the embedding output as a layer."),
+    window: int = typer.Option(3, help="Window w of the representation term delta."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/cka-<timestamp>)."),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Layer-by-layer CKA of a model (or between two) and its representation shifts."""
+    from ..api import cka_study
+
+    result, folder = cka_study(model, vs=vs, data=data, instructions=instructions, template=template, samples=samples,
+                               seq_len=seq_len, pooling=pooling, kernel=kernel, unbiased=unbiased,
+                               include_embeddings=embeddings, window=window, out=out, seed=seed, dtype=dtype, device=device)
+    if result.shift is not None:
+        console.print(f"largest representation shifts at layers {result.shift_layers()}")
+    console.print(f"CKA matrix {result.matrix.shape[0]}x{result.matrix.shape[1]} in {folder / 'cka.csv'}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),

@@ -127,6 +127,8 @@ class Evaluator:
         self.sequences = list(sequences)
         if batch_size is not None:
             max_tokens = None
+        elif max_tokens is not None:
+            max_tokens = max(max_tokens, max(len(s) for s in self.sequences))  # one long row still fits
         self.batches: list[Batch] = make_batches(self.sequences, batch_size=batch_size, max_tokens=max_tokens, pad_id=pad_id)
         self.device = next(model.parameters()).device
         self.block_forwards = 0  # number of (batch, block) forwards run, for accounting

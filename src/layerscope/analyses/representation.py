@@ -1,0 +1,101 @@
+"""Representation dynamics: the layer-by-layer CKA matrix of one model (or between two models)
+and the critical-layers paper's representation term.
+
+delta(l) = the mean of column l of the CKA matrix over rows l - w//2 .. l + w//2 (clipped to the
+valid layers, diagonal included). A small delta means layer l's representation differs from its
+neighbours': a large representation shift. The layers with the smallest delta are reported as the
+shift (change-point) layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..capture import capture_block_outputs
+from ..data.sequences import ScoredSequence
+from ..errors import LayerscopeError
+from ..metrics import cka_matrix, representation_shift
+
+
+@dataclass
+class CKAResult:
+    """A CKA matrix (rows: layers of the first model; columns: of the second, or the same) and,
+    for one model, the representation term per layer."""
+
+    matrix: np.ndarray
+    labels: list[str]
+    other_labels: list[str]
+    shift: np.ndarray | None = None
+    window: int = 3
+    config: dict = field(default_factory=dict)
+
+    def shift_layers(self, top: int = 3) -> list[int]:
+        """The layers with the largest representation shift (smallest delta)."""
+        if self.shift is None:
+            return []
+        return [int(i) for i in np.argsort(self.shift, kind="stable")[:top]]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: its delta (one model) or its CKA with the same layer of the other model."""
+        if self.shift is not None:
+            return pd.DataFrame({"layer": self.labels, "delta": self.shift})
+        n = min(len(self.labels), len(self.other_labels))
+        return pd.DataFrame({"layer": self.labels[:n], "cka_same_layer": np.diag(self.matrix)[:n]})
+
+    def matrix_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.matrix, index=self.labels, columns=self.other_labels)
+
+    def save(self, folder) -> list[Path]:
+        """``cka.csv`` (the matrix, header row of layer labels), ``results.csv/.parquet``, figures."""
+        from ..report.figures import bar_chart, heatmap
+
+        cka_path = folder.path("cka.csv")
+        self.matrix_frame().to_csv(cka_path, index_label="layer")
+        paths = [cka_path, *folder.write_table(self.to_frame())]
+        paths.append(heatmap(self.matrix, folder.path("cka.png"), title="CKA between layers",
+                             xlabel="layer" if self.shift is not None else "layer (second model)",
+                             ylabel="layer", xticklabels=self.other_labels, yticklabels=self.labels,
+                             vmin=0.0, vmax=1.0, colorbar_label="CKA"))
+        if self.shift is not None:
+            paths.append(bar_chart(list(range(len(self.shift))), self.shift.tolist(), folder.path("delta.png"),
+                                   title=f"Representation term delta (w={self.window}); lowest = largest shift",
+                                   xlabel="layer", ylabel="mean CKA with neighbours", highlight_top=3,
+                                   highlight_lowest=True))
+        return paths
+
+
+def run_cka(
+    model,
+    sequences: list[ScoredSequence],
+    *,
+    other=None,
+    other_sequences: list[ScoredSequence] | None = None,
+    pooling: str = "last_prompt",
+    kernel: str = "linear",
+    unbiased: bool = False,
+    include_embeddings: bool = False,
+    window: int = 3,
+    pad_id: int = 0,
+    other_pad_id: int = 0,
+) -> CKAResult:
+    """Capture every block's pooled output and compute the CKA matrix (and delta for one model)."""
+    if window < 1 or window % 2 == 0:
+        raise LayerscopeError(f"window {window} must be a positive odd number (the paper uses 3 and 5)")
+    acts = capture_block_outputs(model, sequences, pooling=pooling, include_embeddings=include_embeddings, pad_id=pad_id)
+    labels = (["emb"] if include_embeddings else []) + [str(i) for i in range(len(acts) - int(include_embeddings))]
+    if other is None:
+        matrix = cka_matrix(acts, kernel=kernel, unbiased=unbiased)
+        body = slice(int(include_embeddings), None)  # delta over the blocks, as the paper's code
+        shift = representation_shift(matrix[body, body], w=window)
+        return CKAResult(matrix, labels, labels, shift=shift, window=window)
+    other_seqs = other_sequences if other_sequences is not None else sequences
+    if len(other_seqs) != len(sequences):
+        raise LayerscopeError(f"the two models saw {len(sequences)} and {len(other_seqs)} examples; CKA needs the same examples")
+    other_acts = capture_block_outputs(other, other_seqs, pooling=pooling, include_embeddings=include_embeddings, pad_id=other_pad_id)
+    other_labels = (["emb"] if include_embeddings else []) + [str(i) for i in range(len(other_acts) - int(include_embeddings))]
+    matrix = cka_matrix(acts, other_acts, kernel=kernel, unbiased=unbiased)
+    return CKAResult(matrix, labels, other_labels, shift=None, window=window)

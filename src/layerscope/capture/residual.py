@@ -1,0 +1,92 @@
+"""Recording the residual stream: each block's output, pooled per example.
+
+Forward hooks on the blocks (found through the architecture adapter) record what each block
+hands to the next; padding never enters a pooled vector. Pooled vectors are small (one per example
+and layer), so they are kept; token-level statistics belong in streaming accumulators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..data.batching import make_batches
+from ..data.sequences import ScoredSequence
+from ..errors import LayerscopeError
+from ..models.architecture import architecture
+
+POOLINGS = ("last_prompt", "last", "mean")
+
+
+def pool_positions(target_mask: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Per row, the weights over positions that pooling uses, shape (B, T), rows summing to 1.
+
+    ``last_prompt``: the token just before the first scored token (for a templated instruction
+    example, the last token of the prompt: the critical-layers paper's choice; a row with no scored
+    token falls back to its last token). ``last``: the last real token. ``mean``: every real token.
+    """
+    if pooling not in POOLINGS:
+        raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+    real = attention_mask.bool()
+    B, T = real.shape
+    weights = torch.zeros(B, T, dtype=torch.float32, device=real.device)
+    last = real.sum(dim=1) - 1
+    if pooling == "mean":
+        return real.float() / real.sum(dim=1, keepdim=True).clamp(min=1)
+    if pooling == "last":
+        index = last
+    else:
+        has_target = target_mask.any(dim=1)
+        first_target = torch.where(has_target, target_mask.float().argmax(dim=1), last + 1)
+        index = (first_target - 1).clamp(min=0)
+    weights[torch.arange(B, device=real.device), index] = 1.0
+    return weights
+
+
+@torch.inference_mode()
+def capture_block_outputs(
+    model: torch.nn.Module,
+    sequences: Sequence[ScoredSequence],
+    *,
+    pooling: str = "last_prompt",
+    include_embeddings: bool = False,
+    pad_id: int = 0,
+    max_tokens: int = 4096,
+) -> list[np.ndarray]:
+    """The pooled output of every block (blocks 0..L-1; with ``include_embeddings`` first the
+    input of block 0), as float32 arrays of shape ``(n_sequences, hidden)``, in the sequences' order."""
+    if not sequences:
+        raise LayerscopeError("empty data set: nothing to capture")
+    if pooling not in POOLINGS:
+        raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+    arch = architecture(model)
+    device = next(model.parameters()).device
+    n_layers = arch.num_layers + int(include_embeddings)
+    out = [np.zeros((len(sequences), arch.hidden_size), dtype=np.float32) for _ in range(n_layers)]
+    current: dict = {}
+
+    def record(slot: int, hidden: torch.Tensor) -> None:
+        pooled = torch.einsum("bt,btd->bd", current["weights"], hidden.float())
+        out[slot][current["index"]] = pooled.cpu().numpy()
+
+    handles = []
+    offset = int(include_embeddings)
+    if include_embeddings:
+        handles.append(arch.block(0).register_forward_pre_hook(
+            lambda _m, args, kwargs: record(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    for i in range(arch.num_layers):
+        handles.append(arch.block(i).register_forward_hook(
+            lambda _m, _a, output, slot=i + offset: record(slot, output[0] if isinstance(output, tuple) else output)))
+    try:
+        longest = max(len(s) for s in sequences)
+        for batch in make_batches(list(sequences), max_tokens=max(max_tokens, longest), pad_id=pad_id):
+            batch = batch.to(device)
+            current["weights"] = pool_positions(batch.target_mask, batch.attention_mask, pooling)
+            current["index"] = batch.index
+            arch.base_model()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
