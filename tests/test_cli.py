@@ -116,7 +116,7 @@ def test_empty_data_set_is_refused(tmp_path, capsys):
 def test_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "layerscope", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("ablate", "evaluate", "generate", "models", "fetch"):
+    for command in ("ablate", "cka", "evaluate", "generate", "models", "fetch"):
         assert command in result.stdout
 
 
