@@ -9,7 +9,7 @@ and evaluates each window from its first skipped block (prefix reuse).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd

@@ -1,4 +1,4 @@
-"""Evaluations on the engine: perplexity, instruction loss, multiple-choice accuracy."""
+"""Multiple-choice accuracy from the engine's per-sequence log-likelihoods."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.multiple_choice import MCItem, choice_lengths, mc_sequences
+from ..data.multiple_choice import MCItem, choice_lengths
+from ..data.sequences import ScoredSequence
 from ..errors import LayerscopeError
 from .engine import SequenceScores
 
@@ -21,7 +22,7 @@ class MCResult:
     predictions_norm: np.ndarray  # argmax of log-likelihood per character of the continuation
 
 
-def mc_from_scores(items: Sequence[MCItem], sequences, scores: SequenceScores, tokenizer=None) -> MCResult:
+def mc_from_scores(items: Sequence[MCItem], sequences: Sequence[ScoredSequence], scores: SequenceScores) -> MCResult:
     """``acc`` and ``acc_norm`` as lm-evaluation-harness defines them.
 
     acc: the choice with the largest summed log-likelihood of its continuation tokens is right.
@@ -50,6 +51,3 @@ def mc_from_scores(items: Sequence[MCItem], sequences, scores: SequenceScores, t
         predictions_norm=norm_a,
     )
 
-
-def mc_task_sequences(tokenizer, items: Sequence[MCItem]):
-    return mc_sequences(tokenizer, items)
