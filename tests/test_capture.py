@@ -67,7 +67,10 @@ def test_cka_command_writes_matrix_and_delta(tmp_path):
     assert list(frame.columns) == ["0", "1", "2", "3"] and frame.shape == (4, 4)
     np.testing.assert_allclose(np.diag(frame.values), 1.0, atol=1e-9)
     np.testing.assert_allclose(frame.values, frame.values.T, atol=1e-12)
-    np.testing.assert_allclose(pd.read_csv(folder / "results.csv")["delta"], representation_shift(frame.values, w=3))
+    table = pd.read_csv(folder / "results.csv")
+    np.testing.assert_allclose(table["delta"], representation_shift(frame.values, w=3))
+    np.testing.assert_allclose(table["cka_next"][:-1], np.diag(frame.values, k=1))
+    assert table["change_point"].tolist() == [i in result.change_points() for i in range(4)]
     assert result.shift_layers(1) == [int(np.argmin(result.shift))]
     for name in ("cka.png", "delta.png", "report.html", "run.json"):
         assert (folder / name).exists()

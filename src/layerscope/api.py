@@ -170,6 +170,7 @@ def cka_study(
     summary = dict(config)
     if result.shift is not None:
         summary["largest_shift_layers"] = ", ".join(map(str, result.shift_layers()))
+        summary["change_points"] = ", ".join(map(str, result.change_points())) or "none"
     write_report(folder.path("report.html"), title=f"CKA of {model}" + (f" vs {vs}" if vs else ""), summary=summary,
                  table=result.to_frame(), figures=[p for p in paths if p.suffix == ".png"],
                  notes=["CKA between the pooled outputs of blocks (the residual stream after each block).",

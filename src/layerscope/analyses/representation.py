@@ -19,6 +19,7 @@ from ..capture import capture_block_outputs
 from ..data.sequences import ScoredSequence
 from ..errors import LayerscopeError
 from ..metrics import cka_matrix, representation_shift
+from ..metrics.change_points import change_points
 
 
 @dataclass
@@ -39,10 +40,27 @@ class CKAResult:
             return []
         return [int(i) for i in np.argsort(self.shift, kind="stable")[:top]]
 
+    def consecutive(self) -> np.ndarray:
+        """CKA of each block with the next one (NaN for the last)."""
+        body = self.matrix[-len(self.shift):, -len(self.shift):] if self.shift is not None else self.matrix
+        return np.append(np.diag(body, k=1), np.nan)
+
+    def change_points(self) -> list[int]:
+        """First layers of the diagonal blocks of the CKA matrix: the exact least-squares
+        segmentation of its rows (each layer's similarity profile) with a BIC-style penalty, see
+        ``layerscope.metrics.change_points``."""
+        if self.shift is None or len(self.shift) < 3:
+            return []
+        n = len(self.shift)
+        return change_points(self.matrix[-n:, -n:])
+
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: its delta (one model) or its CKA with the same layer of the other model."""
         if self.shift is not None:
-            return pd.DataFrame({"layer": self.labels, "delta": self.shift})
+            points = set(self.change_points())
+            return pd.DataFrame({"layer": list(range(len(self.shift))), "delta": self.shift,
+                                 "cka_next": self.consecutive(),
+                                 "change_point": [i in points for i in range(len(self.shift))]})
         n = min(len(self.labels), len(self.other_labels))
         return pd.DataFrame({"layer": self.labels[:n], "cka_same_layer": np.diag(self.matrix)[:n]})
 

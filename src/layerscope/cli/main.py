@@ -108,7 +108,8 @@ def cka_cmd(
                                seq_len=seq_len, pooling=pooling, kernel=kernel, unbiased=unbiased,
                                include_embeddings=embeddings, window=window, out=out, seed=seed, dtype=dtype, device=device)
     if result.shift is not None:
-        console.print(f"largest representation shifts at layers {result.shift_layers()}")
+        console.print(f"largest representation shifts at layers {result.shift_layers()}; "
+                      f"blocks of similar layers (change points) start at layers {result.change_points()}")
     console.print(f"CKA matrix {result.matrix.shape[0]}x{result.matrix.shape[1]} in {folder / 'cka.csv'}")
 
 
