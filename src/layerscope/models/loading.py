@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import LayerscopeError
-from .embedded import EMBEDDED, fetch_embedded, strip_gguf_quantizer
+from .embedded import EMBEDDED, fetch_embedded
 from .registry import registry_names
 from .tiny import TINY_MODELS, build_tiny_model
+from .transformers_io import read_pretrained
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -49,38 +49,6 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-@contextmanager
-def _quiet_tqdm():
-    """Silence the tqdm bar transformers' GGUF reader draws (tqdm reads its env only at import)."""
-    import functools
-
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    original = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
-
-def _from_folder(folder: str, *, dtype, token=None, gguf_file: str | None = None):
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"token": token} if token else {}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    with _quiet_tqdm():  # transformers' GGUF reader draws its own tqdm bar
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **kwargs)
-    if gguf_file:
-        strip_gguf_quantizer(model)
-    return model, tokenizer
-
-
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -101,15 +69,15 @@ def load_model(
     if name in TINY_MODELS:
         model, tokenizer = build_tiny_model(name, seed=seed, dtype=torch_dtype or torch.float32)
     elif name in EMBEDDED:
-        model, tokenizer = _from_folder(str(fetch_embedded(name)), dtype=torch_dtype)
+        model, tokenizer = read_pretrained(str(fetch_embedded(name)), dtype=torch_dtype)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise LayerscopeError(f"GGUF file {name!r} does not exist")
-        model, tokenizer = _from_folder(str(path.parent), dtype=torch_dtype, gguf_file=path.name)
+        model, tokenizer = read_pretrained(str(path.parent), dtype=torch_dtype, gguf_file=path.name)
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise LayerscopeError(f"folder {name!r} has no config.json: not a Hugging Face model folder")
-        model, tokenizer = _from_folder(str(path), dtype=torch_dtype)
+        model, tokenizer = read_pretrained(str(path), dtype=torch_dtype)
     elif path.exists():
         raise LayerscopeError(f"{name!r} is a file but not a .gguf model; give a folder, a .gguf file or a registry name")
     else:
@@ -119,7 +87,7 @@ def load_model(
                 "not an existing folder or .gguf file, and not a hub id of the form org/name"
             )
         try:
-            model, tokenizer = _from_folder(name, dtype=torch_dtype, token=os.environ.get("HF_TOKEN"))
+            model, tokenizer = read_pretrained(name, dtype=torch_dtype, token=os.environ.get("HF_TOKEN"))
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LayerscopeError(f"could not load model {name!r} from the Hugging Face hub: {first}") from exc
