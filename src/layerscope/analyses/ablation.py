@@ -87,9 +87,9 @@ def run_ablation(
     ``run_parts`` (model fingerprint, data, configuration), so a rerun resumes.
     """
     arch = architecture(model)
-    if role is not None and role not in arch.roles():
-        raise LayerscopeError(f"role {role!r} does not exist in a {arch.family} model; allowed: {', '.join(arch.roles())}")
     centres = window_centres(arch.num_layers, window)
+    if role is not None:
+        ZeroRole(role, centres).resolve_layers(model)  # refuse an unknown role before the baseline pass
     evaluator = Evaluator(model, sequences, pad_id=pad_id, **({"max_tokens": max_tokens} if max_tokens else {}))
     run_id = fingerprint(run_parts, {"analysis": "ablate", "window": window, "role": role})
     points = [{"layer": c, "window": window, "role": role} for c in centres]

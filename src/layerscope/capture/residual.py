@@ -20,6 +20,16 @@ from ..models.architecture import architecture
 POOLINGS = ("last_prompt", "last", "mean")
 
 
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The residual stream entering a block, from a forward pre-hook's arguments."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def block_output(output) -> torch.Tensor:
+    """The residual stream leaving a block (some families return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def pool_positions(target_mask: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Per row, the weights over positions that pooling uses, shape (B, T), rows summing to 1.
 
@@ -75,10 +85,10 @@ def capture_block_outputs(
     offset = int(include_embeddings)
     if include_embeddings:
         handles.append(arch.block(0).register_forward_pre_hook(
-            lambda _m, args, kwargs: record(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+            lambda _m, args, kwargs: record(0, block_input(args, kwargs)), with_kwargs=True))
     for i in range(arch.num_layers):
         handles.append(arch.block(i).register_forward_hook(
-            lambda _m, _a, output, slot=i + offset: record(slot, output[0] if isinstance(output, tuple) else output)))
+            lambda _m, _a, output, slot=i + offset: record(slot, block_output(output))))
     try:
         longest = max(len(s) for s in sequences)
         for batch in make_batches(list(sequences), max_tokens=max(max_tokens, longest), pad_id=pad_id):

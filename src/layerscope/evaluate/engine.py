@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..capture import block_input
 from ..data.batching import make_batches
 from ..data.sequences import Batch, ScoredSequence
 from ..errors import LayerscopeError
@@ -101,10 +102,6 @@ class ResidualCache:
         """The largest cached block ``<= wanted`` (0 when none: start from the embeddings)."""
         usable = [b for b in self.blocks if b <= wanted]
         return max(usable) if usable else 0
-
-
-def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 class Evaluator:
@@ -194,7 +191,7 @@ class Evaluator:
         handles = []
         for b in wanted:
             def hook(_module, args, kwargs, block=b):
-                cache.put(current["batch"], block, _block_input(args, kwargs))
+                cache.put(current["batch"], block, block_input(args, kwargs))
             handles.append(self.arch.block(b).register_forward_pre_hook(hook, with_kwargs=True))
         results = []
         try:

@@ -37,12 +37,13 @@ def block_returns_tuple(model: nn.Module) -> bool:
 class PassthroughBlock(nn.Module):
     """Stands in for a block: returns its input (identity) or, with ``inject``, a given tensor."""
 
-    def __init__(self, as_tuple: bool, inject: torch.Tensor | None = None, original: nn.Module | None = None):
+    def __init__(self, as_tuple: bool, inject: torch.Tensor | None = None):
         super().__init__()
         self.as_tuple = as_tuple
         self.inject = inject
-        # Not a registered submodule: the model's parameters and state_dict stay as they were.
-        object.__setattr__(self, "_layerscope_original", original)
+        # The real block it stands in for (set by swap_blocks), so the adapter still finds its
+        # roles. Not a registered submodule: the model's parameters and state_dict stay as they were.
+        object.__setattr__(self, "_layerscope_original", None)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = hidden_states if self.inject is None else self.inject
@@ -51,13 +52,12 @@ class PassthroughBlock(nn.Module):
 
 def swap_blocks(model: nn.Module, replacements: dict[int, nn.Module]) -> Undo:
     """Put modules in place of blocks; the returned undo puts the original module objects back."""
-    blocks = architecture(model).blocks()
+    arch = architecture(model)
+    blocks = arch.blocks()
     originals = {i: blocks[i] for i in replacements}
     for i, module in replacements.items():
-        if isinstance(module, PassthroughBlock) and module._layerscope_original is None:
-            current = originals[i]
-            inner = getattr(current, "_layerscope_original", None)
-            object.__setattr__(module, "_layerscope_original", current if inner is None else inner)
+        if isinstance(module, PassthroughBlock):
+            object.__setattr__(module, "_layerscope_original", arch.block(i))  # the real block, unwrapped
         blocks[i] = module
 
     def undo() -> None:
@@ -73,16 +73,17 @@ class SkipBlock(Intervention):
     def __init__(self, layers: int | Iterable[int]):
         self.layers = [layers] if isinstance(layers, int) else list(layers)
 
-    def _resolved(self, model: nn.Module) -> Sequence[int]:
+    def resolve_layers(self, model: nn.Module) -> Sequence[int]:
+        """The validated, sorted layer indices (a clear error for a bad one)."""
         return normalise_layers(self.layers, architecture(model).num_layers)
 
     def apply(self, model: nn.Module) -> Undo:
-        layers = self._resolved(model)
+        layers = self.resolve_layers(model)
         as_tuple = block_returns_tuple(model)
         return swap_blocks(model, {i: PassthroughBlock(as_tuple) for i in layers})
 
     def first_block(self, model: nn.Module) -> int:
-        return self._resolved(model)[0]
+        return self.resolve_layers(model)[0]
 
 
 class StartFromCache(Intervention):

@@ -19,7 +19,8 @@ class RoleEdit(Intervention):
         self.role = role
         self.layers = [layers] if isinstance(layers, int) else list(layers)
 
-    def _resolved(self, model: nn.Module) -> tuple[int, ...]:
+    def resolve_layers(self, model: nn.Module) -> tuple[int, ...]:
+        """The validated, sorted layer indices; refuses a role this family lacks."""
         arch = architecture(model)
         if self.role not in arch.roles():
             raise LayerscopeError(
@@ -35,7 +36,7 @@ class RoleEdit(Intervention):
 
     def apply(self, model: nn.Module) -> Undo:
         arch = architecture(model)
-        layers = self._resolved(model)
+        layers = self.resolve_layers(model)
         saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
 
         def undo() -> None:
@@ -58,7 +59,7 @@ class RoleEdit(Intervention):
         return undo
 
     def first_block(self, model: nn.Module) -> int:
-        return self._resolved(model)[0]
+        return self.resolve_layers(model)[0]
 
 
 class ZeroRole(RoleEdit):
