@@ -69,6 +69,18 @@ def resolve_shared(name: str, table: dict[str, str], what: str) -> Path:
     return path
 
 
+def resolve_source(path_or_name: str | Path, table: dict[str, str], name_what: str, file_what: str) -> Path:
+    """A short name of ``table`` (a shared file) or an existing file; a clear error otherwise."""
+    if isinstance(path_or_name, str) and path_or_name in table:
+        return resolve_shared(path_or_name, table, name_what)
+    path = Path(path_or_name).expanduser()
+    if not path.is_file():
+        if looks_like_path(path_or_name):
+            raise LayerscopeError(f"{file_what} {path} does not exist")
+        raise LayerscopeError(f"unknown {name_what} {path_or_name!r}; known: {allowed(table)}")
+    return path
+
+
 def read_jsonl(path: Path, skip: re.Pattern[str] | None = None) -> list[tuple[int, object]]:
     """(line number, parsed value) for each non-empty line; lines matching ``skip`` are ignored."""
     rows: list[tuple[int, object]] = []

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerscope.data.corpus import adds_bos, encode, looks_like_path, pick, read_jsonl, resolve_shared
+from layerscope.data.corpus import adds_bos, encode, pick, read_jsonl, resolve_source
 from layerscope.data.sequences import ScoredSequence
 from layerscope.errors import LayerscopeError, allowed
 
@@ -138,14 +138,7 @@ def load_instructions(
     ``limit`` keeps that many examples, chosen with ``random.Random(seed).sample`` and kept in
     file order (all when the file has no more).
     """
-    if isinstance(path_or_name, str) and path_or_name in INSTRUCTION_SETS:
-        path = resolve_shared(path_or_name, INSTRUCTION_SETS, "instruction set")
-    else:
-        path = Path(path_or_name).expanduser()
-        if not path.is_file():
-            if looks_like_path(path_or_name):
-                raise LayerscopeError(f"instruction file {path} does not exist")
-            raise LayerscopeError(f"unknown instruction set {path_or_name!r}; known: {allowed(INSTRUCTION_SETS)}")
+    path = resolve_source(path_or_name, INSTRUCTION_SETS, "instruction set", "instruction file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = [(f"{path}:{lineno}", rec) for lineno, rec in read_jsonl(path, skip=_TRAILER)]

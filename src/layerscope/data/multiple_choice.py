@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerscope.data.corpus import adds_bos, encode, looks_like_path, pick, read_jsonl, resolve_shared
+from layerscope.data.corpus import adds_bos, encode, pick, read_jsonl, resolve_source
 from layerscope.data.sequences import ScoredSequence
 from layerscope.errors import LayerscopeError, allowed
 
@@ -74,14 +74,7 @@ def load_mc(path_or_name: str | Path, limit: int | None = None, seed: int = 0) -
     ``limit`` keeps that many items, chosen with ``random.Random(seed).sample`` and kept in file
     order (all when the file has no more).
     """
-    if isinstance(path_or_name, str) and path_or_name in MC_TASKS:
-        path = resolve_shared(path_or_name, MC_TASKS, "multiple-choice task")
-    else:
-        path = Path(path_or_name).expanduser()
-        if not path.is_file():
-            if looks_like_path(path_or_name):
-                raise LayerscopeError(f"multiple-choice file {path} does not exist")
-            raise LayerscopeError(f"unknown multiple-choice task {path_or_name!r}; known: {allowed(MC_TASKS)}")
+    path = resolve_source(path_or_name, MC_TASKS, "multiple-choice task", "multiple-choice file")
     items = [_item(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
     if not items:
         raise LayerscopeError(f"empty data set: no multiple-choice rows in {path}")
