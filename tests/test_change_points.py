@@ -55,3 +55,33 @@ def test_blocks_of_a_similarity_matrix_are_found_from_its_rows():
     y2 = np.random.default_rng(4).normal(size=(9, 3))
     best = min(itertools.combinations(range(1, 9), 2), key=lambda p: segmentation_cost(y2, list(p)))
     assert segmentation_cost(y2, change_points(y2, n_points=2)) == pytest.approx(segmentation_cost(y2, list(best)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_missing_entries_are_left_out_exactly(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=(9, 4))
+    y[rng.random(y.shape) < 0.2] = np.nan
+    y[:, 0] = rng.normal(size=9)  # no row entirely missing
+    best = min(itertools.combinations(range(1, 9), 2), key=lambda p: segmentation_cost(y, list(p)))
+    found = change_points(y, n_points=2)
+    assert segmentation_cost(y, found) == pytest.approx(segmentation_cost(y, list(best)), abs=1e-12)
+    # the cost of one segment with missing entries, written out by hand
+    manual = sum(((col[~np.isnan(col)] - col[~np.isnan(col)].mean()) ** 2).sum() for col in y.T)
+    assert segmentation_cost(y, []) == pytest.approx(manual)
+
+
+def test_a_noise_free_block_matrix_with_its_unit_diagonal_left_out():
+    """The diagonal (self-similarity 1) is not evidence of a block; left out, exact blocks are found
+    even without noise, where the robust noise estimate is zero."""
+    from layerscope.analyses.representation import CKAResult
+    from layerscope.metrics import representation_shift
+
+    blocks = np.repeat([0, 1, 2], [3, 5, 4])
+    matrix = np.where(blocks[:, None] == blocks[None, :], 0.8, 0.3)
+    np.fill_diagonal(matrix, 1.0)
+    labels = [str(i) for i in range(12)]
+    result = CKAResult(matrix, labels, labels, shift=representation_shift(matrix, w=3))
+    assert result.change_points() == [3, 8]
+    with pytest.raises(LayerscopeError, match="never a whole row"):
+        change_points(np.array([[1.0, np.nan], [np.nan, np.nan], [0.0, 1.0]]))

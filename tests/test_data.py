@@ -278,19 +278,41 @@ def test_shared_data_dir_env_override(tmp_path, monkeypatch):
 # instructions
 
 
-def test_dolly_template_is_byte_exact():
-    prompt, response = render(InstructionExample("Name a colour.", "", "Blue."), "dolly")
+def test_dolly_plain_template_is_byte_exact():
+    prompt, response = render(InstructionExample("Name a colour.", "", "Blue."), "dolly-plain")
     assert prompt == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nName a colour.\n\n### Response:\n"
     )
     assert response == "Blue."
-    prompt, _ = render(InstructionExample("Summarise.", "A long text.", "Short."), "dolly")
+    prompt, _ = render(InstructionExample("Summarise.", "A long text.", "Short."), "dolly-plain")
     # Data-Oblivious-Critical-Layers prompt_utils.py 'dolly': same header, "Input:" without ###.
     assert prompt == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nSummarise.\n\nInput:\nA long text.\n\n### Response:\n"
     )
+
+
+def test_dolly_template_is_the_papers_llama2_format():
+    prompt, response = render(InstructionExample("Summarise.", "A long text.", "Short."), "dolly")
+    assert prompt == (
+        "[INST] <<SYS>>\nBelow is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n<</SYS>>\n\n### Instruction:\n Summarise. \n \nInput: \nA long text. \n \n"
+        "### Response: [/INST]"
+    )
+    assert response == " Short. "  # the paper's code trains on prompt + " " + response + " " + EOS
+    prompt, _ = render(InstructionExample("Name a colour."), "dolly")
+    assert prompt.endswith("### Instruction:\n Name a colour. \n \n### Response: [/INST]")
+
+
+def test_dolly_template_reproduces_the_papers_stored_prompts(shared_data):
+    """The 300 prompts of prune_16.jsonl were decoded from the paper's tokenised examples."""
+    stored = [json.loads(line)["Instrunction"] for line in
+              (shared_data / "critical-layers" / "prune_16.jsonl").read_text().splitlines() if line.startswith("{")]
+    examples = load_instructions("prune_16")
+    assert len(examples) == len(stored) == 300
+    rebuilt = ["<s> " + render(example, "dolly")[0] for example in examples]
+    assert rebuilt == stored
 
 
 def test_alpaca_template_is_stanford_alpaca():
@@ -301,7 +323,7 @@ def test_alpaca_template_is_stanford_alpaca():
         "### Instruction:\nSummarise.\n\n### Input:\nA long text.\n\n### Response:\n"
     )
     prompt, _ = render(InstructionExample("Name a colour."), "alpaca")
-    assert prompt == render(InstructionExample("Name a colour."), "dolly")[0]
+    assert prompt == render(InstructionExample("Name a colour."), "dolly-plain")[0]
 
 
 def test_chat_template_uses_the_tokenizer(tok):

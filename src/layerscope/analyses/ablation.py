@@ -16,27 +16,14 @@ import pandas as pd
 import torch
 
 from ..data.sequences import ScoredSequence
-from ..errors import LayerscopeError
 from ..evaluate.engine import Evaluator, ResidualCache, SequenceScores
 from ..interventions import SkipBlock, ZeroRole
 from ..models.architecture import architecture
 from ..runner import ResultsStore, fingerprint, run_sweep
+from .windows import window_bounds, window_centres
 
 RESULT_COLUMNS = ["layer", "window_start", "window_end", "layers", "loss", "baseline_loss", "delta",
                   "perplexity", "baseline_perplexity"]
-
-
-def window_bounds(centre: int, window: int) -> tuple[int, int]:
-    """``[start, end)`` of the window of ``window`` blocks centred on ``centre``."""
-    start = centre - window // 2
-    return start, start + window
-
-
-def window_centres(num_layers: int, window: int) -> list[int]:
-    """Centres whose whole window lies inside ``0..num_layers-1``."""
-    if window < 1 or window > num_layers:
-        raise LayerscopeError(f"window {window} is out of range: allowed 1..{num_layers} for this {num_layers}-layer model")
-    return [c for c in range(num_layers) if window_bounds(c, window)[0] >= 0 and window_bounds(c, window)[1] <= num_layers]
 
 
 @dataclass

@@ -47,12 +47,15 @@ class CKAResult:
 
     def change_points(self) -> list[int]:
         """First layers of the diagonal blocks of the CKA matrix: the exact least-squares
-        segmentation of its rows (each layer's similarity profile) with a BIC-style penalty, see
+        segmentation of its rows (each layer's similarity profile to the other layers; the diagonal
+        is left out) with a BIC-style penalty, see
         ``layerscope.metrics.change_points``."""
         if self.shift is None or len(self.shift) < 3:
             return []
         n = len(self.shift)
-        return change_points(self.matrix[-n:, -n:])
+        rows = np.array(self.matrix[-n:, -n:], dtype=np.float64)
+        np.fill_diagonal(rows, np.nan)  # CKA of a layer with itself is 1 whatever the blocks: left out
+        return change_points(rows)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: its delta (one model) or its CKA with the same layer of the other model."""

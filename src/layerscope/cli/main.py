@@ -22,6 +22,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 MODEL_HELP = "Registry name (see `layerscope models`), local folder, .gguf file or hub id."
+TEMPLATE_HELP = "Instruction template: dolly (the critical-layers paper's Llama-2 prompt), dolly-plain, alpaca, chat."
 
 
 def _table(title: str, frame, columns: list[str], limit: int = 40) -> Table:
@@ -88,7 +89,7 @@ def cka_cmd(
     vs: Optional[str] = typer.Option(None, help="Second model: CKA between the layers of the two."),
     data: str = typer.Option("builtin", help="Text corpus (used when --instructions is not given)."),
     instructions: Optional[str] = typer.Option(None, help="Instruction set: dolly, alpaca, prune_16 or a file."),
-    template: str = typer.Option("dolly", help="Instruction template: dolly, alpaca, chat."),
+    template: str = typer.Option("dolly", help=TEMPLATE_HELP),
     samples: int = typer.Option(64, help="Examples (or corpus windows)."),
     seq_len: int = typer.Option(128, help="Tokens per corpus window."),
     pooling: str = typer.Option("auto", help="last_prompt, last, mean (auto: last_prompt for instructions, else mean)."),
@@ -113,12 +114,97 @@ def cka_cmd(
     console.print(f"CKA matrix {result.matrix.shape[0]}x{result.matrix.shape[1]} in {folder / 'cka.csv'}")
 
 
+@app.command("substitute")
+def substitute_cmd(
+    base: str = typer.Option(..., help="The pre-fine-tuned model (" + MODEL_HELP + ")"),
+    finetuned: str = typer.Option(..., help="The fine-tuned model: same family and shapes as --base."),
+    window: int = typer.Option(5, help="Blocks substituted together, centred on each layer (the paper: 5)."),
+    instructions: Optional[str] = typer.Option("prune_16", help="Test set: prune_16 (the paper's 300 Dolly test examples), dolly, alpaca, or a file."),
+    template: str = typer.Option("dolly", help=TEMPLATE_HELP),
+    data: Optional[str] = typer.Option(None, help="Measure perplexity on this corpus instead of instruction loss."),
+    samples: Optional[int] = typer.Option(None, help="Examples (default: all) or corpus windows (default 16)."),
+    seq_len: int = typer.Option(128, help="Tokens per corpus window (with --data)."),
+    average: str = typer.Option("example", help="example (mean of per-example losses, the paper's) or token."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/substitute-<timestamp>)."),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="Disable prefix reuse (for comparison)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Put each window of the base model's blocks into the fine-tuned model; loss per centre layer."""
+    from ..api import substitute
+
+    result, folder = substitute(
+        base, finetuned, window=window, instructions=None if data else instructions, template=template,
+        data=data or "builtin", samples=samples, seq_len=seq_len, average=average, out=out, seed=seed,
+        dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet,
+    )
+    frame = result.to_frame().sort_values("loss", ascending=False)
+    console.print(_table("windows by loss with base blocks (largest first)", frame,
+                         ["center", "layers", "loss", "loss_reduction", "share"], limit=10))
+    console.print(f"fine-tuned loss {frame['finetuned_loss'].iloc[0]:.4f}, base loss {frame['base_loss'].iloc[0]:.4f}; "
+                  f"results in {folder}")
+
+
+@app.command("critical-layers")
+def critical_layers_cmd(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    data: list[str] = typer.Option(["dolly", "alpaca"], help="Data sets (repeatable, at least two): instruction sets "
+                                   "(dolly, alpaca, prune_16, an instruction file) or corpora (wikitext-2, tinyshakespeare, builtin, a text file)."),
+    template: str = typer.Option("dolly", help=TEMPLATE_HELP),
+    samples: int = typer.Option(128, help="Examples (or corpus windows) per data set."),
+    seq_len: int = typer.Option(128, help="Tokens per corpus window."),
+    kernel: str = typer.Option("linear", help="linear or rbf."),
+    unbiased: bool = typer.Option(False, help="Unbiased HSIC estimator."),
+    window: int = typer.Option(3, help="Window w of the representation term delta (the paper: 3)."),
+    top: int = typer.Option(3, help="Number of largest-shift layers taken as centres."),
+    radius: int = typer.Option(1, help="Neighbours on each side of a centre also predicted critical."),
+    edge: int = typer.Option(2, help="Leave the first and last EDGE blocks out of the candidates."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/critical-layers-<timestamp>)."),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Predict, from the pre-fine-tuned model alone, the layers fine-tuning will change most."""
+    from ..api import critical_layers
+
+    result, folder = critical_layers(model, sources=data, template=template, samples=samples, seq_len=seq_len,
+                                     kernel=kernel, unbiased=unbiased, window=window, top=top, radius=radius,
+                                     edge=edge, out=out, seed=seed, dtype=dtype, device=device)
+    for row in result.agreement():
+        console.print(f"{row['data_a']} vs {row['data_b']}: CKA matrices correlate {row['cka_matrix_pearson']:.3f}, "
+                      f"delta rank correlation {row['delta_spearman']:.3f}, change points "
+                      f"{row['change_points_a'] or '-'} | {row['change_points_b'] or '-'}")
+    console.print(f"predicted critical layers: {','.join(map(str, result.predicted_layers()))} "
+                  f"(centres {result.centres()}); control layers: {','.join(map(str, result.control_layers()))}")
+    console.print(f"fine-tune them with: layerscope finetune {model} --layers {','.join(map(str, result.predicted_layers()))}")
+    console.print(f"results in {folder}")
+
+
+@app.command("correlate")
+def correlate_cmd(
+    run_a: Path = typer.Argument(..., help="A run folder of `substitute`, or of `cka`/`critical-layers`."),
+    run_b: Path = typer.Argument(..., help="The other run folder."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/correlate-<timestamp>)."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals (0: none)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Rank correlation of per-window substitution loss with the per-layer representation term."""
+    from ..api import correlate
+
+    result, folder = correlate(run_a, run_b, out=out, n_boot=n_boot, seed=seed)
+    s = result.stats
+    console.print(f"Spearman {s['spearman']:.4f} (p={s['spearman_p']:.3g}, 95% CI {s['spearman_ci'][0]:.3f}..{s['spearman_ci'][1]:.3f}), "
+                  f"Kendall {s['kendall']:.4f} (p={s['kendall_p']:.3g}) over {s['n']} layers; report in {folder / 'report.html'}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     data: Optional[str] = typer.Option(None, help="Text corpus for perplexity."),
     instructions: Optional[str] = typer.Option(None, help="Instruction file for response-only loss."),
-    template: str = typer.Option("dolly", help="Instruction template: dolly, alpaca, chat."),
+    template: str = typer.Option("dolly", help=TEMPLATE_HELP),
     task: list[str] = typer.Option([], help="Multiple-choice task name or .mc.jsonl path (repeatable)."),
     samples: int = typer.Option(32, help="Windows, examples or items drawn from each source."),
     seq_len: int = typer.Option(256, help="Tokens per perplexity window."),

@@ -13,22 +13,24 @@ Files read by :func:`load_instructions` (the format is recognised from the recor
 
 Templates (:data:`TEMPLATES`, used by :func:`render`):
 
-* ``"dolly"``: the prompt of the Data-Oblivious-Critical-Layers code (``prompt_utils.py``,
-  style ``dolly``), without its Llama-2 ``[INST] <<SYS>>`` wrapper, whose place the Alpaca blank
-  line takes. Byte for byte, the header is the same with and without an input (that code does not
-  switch to Alpaca's "paired with an input" sentence) and the input header is ``Input:`` without
-  ``###``::
+* ``"dolly"``: exactly the prompt and target the Data-Oblivious-Critical-Layers code trains and
+  evaluates with (``llama2/ft_datasets/dolly_dataset.py``): the Llama-2 ``[INST]`` wrapper around a
+  ``<<SYS>>`` system block, an ``Input:`` section (without ``###``) only when there is a context,
+  and the target ``" " + response + " "`` followed by EOS::
 
+      [INST] <<SYS>>
       Below is an instruction that describes a task. Write a response that appropriately completes the request.
+      <</SYS>>
 
       ### Instruction:
-      {instruction}
+       {instruction} \n \n[Input: \n{input} \n \n]### Response: [/INST]
 
-      [Input:
-      {input}
-
-      ]### Response:
-
+  (``\n`` above is a newline: the spaces around the newlines are the original code's). Rendering
+  the 300 examples parsed back out of ``prune_16.jsonl`` reproduces its stored prompts byte for
+  byte (after the decoded ``"<s> "``).
+* ``"dolly-plain"``: the same layout without the Llama-2 wrapper and the stray spaces: the header
+  line, a blank line, ``### Instruction:\n{instruction}\n\n[Input:\n{input}\n\n]### Response:\n``;
+  the target is the bare response;
 * ``"alpaca"``: the Stanford Alpaca prompt (``### Input:``, "paired with an input" header when
   there is an input);
 * ``"chat"``: the tokenizer's chat template with one user message (instruction, then a blank line
@@ -57,7 +59,7 @@ INSTRUCTION_SETS: dict[str, str] = {
     "critical-layers": "critical-layers/prune_16.jsonl",
 }
 
-TEMPLATES: frozenset[str] = frozenset({"dolly", "alpaca", "chat"})
+TEMPLATES: frozenset[str] = frozenset({"dolly", "dolly-plain", "alpaca", "chat"})
 
 _NO_INPUT_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -67,6 +69,12 @@ _INPUT_HEADER = (
     "Write a response that appropriately completes the request.\n\n"
 )
 
+_PAPER_SYSTEM = (
+    "<<SYS>>\nBelow is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n<</SYS>>\n\n"
+)
+PAPER_DOLLY_PROMPT = _PAPER_SYSTEM + "### Instruction:\n {instruction} \n \n### Response:\n"
+PAPER_DOLLY_PROMPT_INPUT = _PAPER_SYSTEM + "### Instruction:\n {instruction} \n \nInput: \n{input} \n \n### Response:\n"
 DOLLY_PROMPT = _NO_INPUT_HEADER + "### Instruction:\n{instruction}\n\n### Response:\n"
 DOLLY_PROMPT_INPUT = _NO_INPUT_HEADER + "### Instruction:\n{instruction}\n\nInput:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT = _NO_INPUT_HEADER + "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -171,6 +179,9 @@ def render(example: InstructionExample, template: str, tokenizer=None) -> tuple[
         raise LayerscopeError(f"unknown prompt template {template!r}; allowed: {allowed(sorted(TEMPLATES))}")
     fields = {"instruction": example.instruction, "input": example.input}
     if template == "dolly":
+        body = (PAPER_DOLLY_PROMPT_INPUT if example.input else PAPER_DOLLY_PROMPT).format_map(fields)
+        return "[INST] " + body.strip() + " [/INST]", " " + example.response + " "
+    if template == "dolly-plain":
         prompt = (DOLLY_PROMPT_INPUT if example.input else DOLLY_PROMPT).format_map(fields)
     elif template == "alpaca":
         prompt = (ALPACA_PROMPT_INPUT if example.input else ALPACA_PROMPT).format_map(fields)

@@ -27,6 +27,7 @@ from ..interventions import Intervention, StartFromCache, first_changed_block, i
 from ..models.architecture import architecture
 
 DEFAULT_MAX_TOKENS = 4096
+LOSS_AVERAGES = ("token", "example")
 
 
 @dataclass
@@ -47,6 +48,22 @@ class SequenceScores:
     @property
     def perplexity(self) -> float:
         return float(np.exp(self.mean_loss))
+
+    @property
+    def example_mean_loss(self) -> float:
+        """Mean over sequences of each one's mean token loss (sequences without a scored token are
+        left out): what a loop of ``model(labels=...)`` calls averages, e.g. the critical-layers
+        paper's "Average loss"."""
+        scored = self.n_targets > 0
+        if not scored.any():
+            raise LayerscopeError("no scored tokens: every sequence is too short or fully masked")
+        return float(np.mean(-self.logprob[scored] / self.n_targets[scored]))
+
+    def loss(self, average: str = "token") -> float:
+        """``mean_loss`` for ``average="token"``, ``example_mean_loss`` for ``"example"``."""
+        if average not in LOSS_AVERAGES:
+            raise LayerscopeError(f"unknown loss average {average!r}; allowed: {', '.join(LOSS_AVERAGES)}")
+        return self.mean_loss if average == "token" else self.example_mean_loss
 
 
 class ResidualCache:

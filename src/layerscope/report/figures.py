@@ -69,8 +69,11 @@ def bar_chart(
     baseline: float | None = None,
     highlight_top: int | None = None,
     highlight_lowest: bool = False,
+    marked: Sequence[Any] | None = None,
 ) -> Path:
     """One bar per ``x`` (layer, window, module ...) of height ``y``; writes a PNG and returns its path.
+
+    ``marked`` colours the bars whose ``x`` is in it (e.g. predicted critical layers), whatever their height.
 
     ``baseline`` draws a dashed horizontal reference line (e.g. the unmodified model's loss).
     ``highlight_top=n`` colours the ``n`` largest bars (the ``n`` smallest with ``highlight_lowest``);
@@ -90,6 +93,9 @@ def bar_chart(
         chosen = order[:highlight_top] if highlight_lowest else order[::-1][:highlight_top]
         for i in chosen:
             colors[int(i)] = HIGHLIGHT
+    if marked is not None:
+        wanted = {str(v) for v in marked}
+        colors = [HIGHLIGHT if label in wanted else BASE for label in labels]
 
     n = len(heights)
     fig = _figure((min(max(6.0, 0.35 * n + 2.0), 24.0), 4.0))
@@ -146,6 +152,36 @@ def line_chart(
     ax.grid(alpha=0.3)
     if len(series) > 1 or baseline is not None:
         ax.legend(loc="best", fontsize="small")
+    _labels(ax, title, xlabel, ylabel)
+    return _save(fig, path)
+
+
+def scatter_chart(
+    x: Sequence[float],
+    y: Sequence[float],
+    path: str | Path,
+    *,
+    labels: Sequence[Any] | None = None,
+    marked: Sequence[Any] | None = None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Path:
+    """Paired values as points (e.g. representation term against substitution loss, one per layer),
+    each point labelled (``labels``), those whose label is in ``marked`` in colour; writes a PNG."""
+    xs, ys = _numbers(x, "x values"), _numbers(y, "y values")
+    if len(xs) != len(ys):
+        raise LayerscopeError(f"scatter chart needs paired values: got {len(xs)} x and {len(ys)} y values")
+    names = [str(v) for v in labels] if labels is not None else [str(i) for i in range(len(xs))]
+    if len(names) != len(xs):
+        raise LayerscopeError(f"scatter chart needs one label per point: got {len(names)} labels and {len(xs)} points")
+    wanted = {str(v) for v in marked} if marked is not None else set()
+    fig = _figure((6.5, 4.8))
+    ax = fig.add_subplot()
+    ax.scatter(xs, ys, c=[HIGHLIGHT if n in wanted else BASE for n in names], s=22)
+    for xi, yi, name in zip(xs, ys, names):
+        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.grid(alpha=0.3)
     _labels(ax, title, xlabel, ylabel)
     return _save(fig, path)
 
