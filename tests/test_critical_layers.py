@@ -31,12 +31,9 @@ def block_matrix(sizes: list[int], within: float = 0.95, across: float = 0.5) ->
 
 
 def test_prediction_follows_the_smallest_delta_inside_the_edges():
-    n = 12
-    delta_target = np.linspace(0.99, 0.9, n)  # not used directly: built through real CKA matrices
-    del delta_target
     a = cka_result(block_matrix([4, 4, 4]))
     b = cka_result(block_matrix([4, 4, 4], within=0.9, across=0.4))
-    result = CriticalLayersResult(["a", "b"], [a, b], top=2, radius=1, edge=2)
+    result = CriticalLayersResult(["a", "b"], [a, b], top=2, radius=1, edge=2, select="lowest")
     mean = (a.shift + b.shift) / 2
     np.testing.assert_allclose(result.mean_delta(), mean)
     candidates = list(range(2, 10))
@@ -47,6 +44,24 @@ def test_prediction_follows_the_smallest_delta_inside_the_edges():
     assert len(control) == len(result.predicted_layers()) or len(control) == len(set(candidates) - set(result.predicted_layers()))
     assert not set(control) & set(result.predicted_layers()) and set(control) <= set(candidates)
     assert min(mean[c] for c in control) >= max(mean[c] for c in expected_centres)
+
+
+def with_delta(delta: list[float]) -> CKAResult:
+    labels = [str(i) for i in range(len(delta))]
+    return CKAResult(np.eye(len(delta)), labels, labels, shift=np.array(delta))
+
+
+def test_dips_are_ranked_by_prominence_and_a_steady_trend_is_not_a_dip():
+    delta = [0.90, 0.92, 0.94, 0.96, 0.98] + [0.99] * 15
+    delta[8], delta[13], delta[16] = 0.97, 0.95, 0.985
+    result = CriticalLayersResult(["a", "b"], [with_delta(delta), with_delta(delta)], top=2, radius=1, edge=2)
+    assert result.centres() == [8, 13]
+    assert result.predicted_layers() == [7, 8, 9, 12, 13, 14]
+    assert CriticalLayersResult(["a", "b"], [with_delta(delta)] * 2, top=2, edge=2, select="lowest").centres() == [2, 13]
+    # fewer dips than asked for: the rest are the lowest deltas not overlapping a chosen window
+    assert CriticalLayersResult(["a", "b"], [with_delta(delta)] * 2, top=4, edge=2).centres() == [2, 8, 13, 16]
+    with pytest.raises(LayerscopeError, match="'peaks'.*dips, lowest"):
+        CriticalLayersResult(["a", "b"], [with_delta(delta)] * 2, select="peaks")
 
 
 def test_agreement_reports_matrix_correlation_and_change_points():

@@ -286,6 +286,7 @@ def critical_layers(
     top: int = 3,
     radius: int = 1,
     edge: int = 2,
+    select: str = "dips",
     out: str | Path | None = None,
     seed: int = 0,
     dtype: str | None = None,
@@ -317,11 +318,11 @@ def critical_layers(
         results.append(result)
         labels.append(_source_label(source))
         fps[source] = sequences_fingerprint(seqs)
-    prediction = CriticalLayersResult(labels, results, top=top, radius=radius, edge=edge)
+    prediction = CriticalLayersResult(labels, results, top=top, radius=radius, edge=edge, select=select)
     folder = RunFolder(Path(out) if out else None, "critical-layers")
     config = {"analysis": "critical-layers", "model": model, "sources": sources, "template": template,
               "samples": samples, "seq_len": seq_len, "kernel": kernel, "unbiased": unbiased, "window": window,
-              "top": top, "radius": radius, "edge": edge,
+              "top": top, "radius": radius, "edge": edge, "select": select,
               "pooling": {s: r.config["pooling"] for s, r in zip(sources, results)}}
     folder.write_run_json(config, seed=seed, fingerprint={"model": model_fingerprint(net), "data": fps})
     prediction.config.update(config)
@@ -337,9 +338,10 @@ def critical_layers(
     write_report(folder.path("report.html"), title=f"Predicted critical layers of {model}", summary=summary,
                  table=prediction.to_frame(), figures=[p for p in paths if p.suffix == ".png"],
                  notes=[f"delta(l): mean CKA of layer l with layers l-{window // 2}..l+{window // 2}; small = large "
-                        "representation shift. Predicted: the "
-                        f"{top} candidate layers (layers {edge}..L-{edge + 1}) with the smallest delta averaged over the "
-                        f"data sets, each with {radius} neighbour(s) on either side.",
+                        "representation shift. Predicted: "
+                        + (f"the {top} deepest dips (local minima, by prominence) of delta averaged over the data sets"
+                           if select == "dips" else f"the {top} smallest values of delta averaged over the data sets")
+                        + f", among layers {edge}..L-{edge + 1}, each with {radius} neighbour(s) on either side.",
                         "Control: as many candidate layers with the largest delta (most stable representations)."])
     return prediction, folder.out
 

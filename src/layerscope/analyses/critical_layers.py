@@ -10,7 +10,12 @@ Prediction, documented so it can be argued with:
 1. candidates are the layers ``edge .. L-1-edge`` (default ``edge=2``: the first and last two
    blocks always shift most, from token embeddings to context and back to the vocabulary, and
    the paper's windows of 5 are centred on exactly these candidates);
-2. the ``top`` candidates with the smallest delta averaged over the data sets are the centres;
+2. centres, on delta averaged over the data sets: with ``select="dips"`` (default) the ``top``
+   local minima of delta, ranked by their prominence (``scipy.signal.find_peaks`` on -delta, at
+   least ``2 * radius + 1`` layers apart): a layer whose representation shifts more than both its
+   neighbours' is a change point, whereas a steady trend (delta rising through the first blocks)
+   is not; when there are fewer dips than ``top``, the remaining centres are the lowest deltas.
+   With ``select="lowest"`` the ``top`` candidates with the smallest delta;
 3. each centre with ``radius`` layers on either side (clipped to the model) is predicted critical.
 
 The control set for the fine-tuning check is the same number of candidate layers with the
@@ -27,9 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats
+from scipy.signal import find_peaks
 
 from ..errors import LayerscopeError
 from .representation import CKAResult
+
+
+SELECTIONS = ("dips", "lowest")
 
 
 def _upper(matrix: np.ndarray) -> np.ndarray:
@@ -45,6 +54,7 @@ class CriticalLayersResult:
     top: int = 3
     radius: int = 1
     edge: int = 2
+    select: str = "dips"
     config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +63,8 @@ class CriticalLayersResult:
         n = self.num_layers
         if any(r.shift is None or len(r.shift) != n for r in self.results):
             raise LayerscopeError("every CKA result must be within one model, over the same blocks")
+        if self.select not in SELECTIONS:
+            raise LayerscopeError(f"unknown selection {self.select!r}; allowed: {', '.join(SELECTIONS)}")
         if self.top < 1 or self.radius < 0 or self.edge < 0:
             raise LayerscopeError(f"top {self.top} must be >= 1, radius {self.radius} and edge {self.edge} >= 0")
         if n - 2 * self.edge < self.top:
@@ -71,10 +83,22 @@ class CriticalLayersResult:
         return list(range(self.edge, self.num_layers - self.edge))
 
     def centres(self) -> list[int]:
-        """The ``top`` candidate layers with the largest representation shift (smallest mean delta)."""
+        """The ``top`` candidate layers with the largest representation shift (see the module docstring)."""
         delta = self.mean_delta()
-        order = sorted(self.candidates(), key=lambda layer: (delta[layer], layer))
-        return sorted(order[: self.top])
+        candidates = self.candidates()
+        lowest = sorted(candidates, key=lambda layer: (delta[layer], layer))
+        if self.select == "lowest":
+            return sorted(lowest[: self.top])
+        values = -delta[candidates]
+        peaks, props = find_peaks(values, prominence=0.0, distance=2 * self.radius + 1)
+        ranked = [candidates[i] for i in peaks[np.argsort(-props["prominences"], kind="stable")]]
+        chosen = ranked[: self.top]
+        for layer in lowest:
+            if len(chosen) >= self.top:
+                break
+            if all(abs(layer - c) > 2 * self.radius for c in chosen):
+                chosen.append(layer)
+        return sorted(chosen)
 
     def predicted_layers(self) -> list[int]:
         """The centres and ``radius`` layers on each side: the layers to fine-tune (or to protect)."""
@@ -124,6 +148,7 @@ class CriticalLayersResult:
         """What ``prediction.json`` holds: the layer lists, ready for ``layerscope finetune --layers``."""
         return {"predicted_layers": self.predicted_layers(), "centres": self.centres(),
                 "control_layers": self.control_layers(), "top": self.top, "radius": self.radius, "edge": self.edge,
+                "select": self.select,
                 "sources": self.sources, "agreement": self.agreement()}
 
     def save(self, folder) -> list[Path]:

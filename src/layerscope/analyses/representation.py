@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..capture import capture_block_outputs
 from ..data.sequences import ScoredSequence
 from ..errors import LayerscopeError
 from ..metrics import cka_matrix, representation_shift
 from ..metrics.change_points import change_points
+from ..models.architecture import architecture
 
 
 @dataclass
@@ -89,6 +91,51 @@ class CKAResult:
         return paths
 
 
+def token_cka_matrix(
+    model,
+    sequences: list[ScoredSequence],
+    *,
+    other=None,
+    kernel: str = "linear",
+    include_embeddings: bool = False,
+    pad_id: int = 0,
+    other_pad_id: int = 0,
+    chunk: int = 256,
+    seed: int = 0,
+) -> np.ndarray:
+    """CKA over every real token (padding masked), streamed: each batch's tokens are shuffled
+    (seeded) into chunks of ``chunk`` tokens, and the unbiased HSIC of every layer pair is
+    accumulated over the chunks (:class:`~layerscope.metrics.MinibatchCKA`), so memory holds one
+    batch, whatever the number of tokens. A last chunk of fewer than 4 tokens is left out. With
+    ``other``, both models see the same token sequences (they must share a tokenizer)."""
+    from itertools import repeat
+
+    from ..capture import iter_block_outputs
+    from ..metrics import MinibatchCKA
+
+    if chunk < 4:
+        raise LayerscopeError(f"chunk {chunk} must be at least 4 tokens (the unbiased HSIC needs 4)")
+    if other is model:  # one model against itself: the same matrix (its hooks must not be set twice)
+        other = None
+    layers_x = architecture(model).num_layers + int(include_embeddings)
+    layers_y = architecture(other).num_layers + int(include_embeddings) if other is not None else None
+    acc = MinibatchCKA(layers_x, layers_y, kernel=kernel)
+    mine = iter_block_outputs(model, sequences, pooling="tokens", include_embeddings=include_embeddings, pad_id=pad_id)
+    theirs = (iter_block_outputs(other, sequences, pooling="tokens", include_embeddings=include_embeddings,
+                                 pad_id=other_pad_id) if other is not None else repeat((None, None)))
+    generator = torch.Generator().manual_seed(seed)
+    for (_, acts), (_, other_acts) in zip(mine, theirs):
+        order = torch.randperm(acts[0].shape[0], generator=generator).to(acts[0].device)
+        for lo in range(0, len(order), chunk):
+            pick = order[lo : lo + chunk]
+            if len(pick) < 4:
+                break
+            acc.update([a[pick] for a in acts], [a[pick] for a in other_acts] if other_acts is not None else None)
+    if acc.num_batches == 0:
+        raise LayerscopeError("too few tokens for token-level CKA: need at least 4 real tokens")
+    return acc.compute()
+
+
 def run_cka(
     model,
     sequences: list[ScoredSequence],
@@ -103,9 +150,27 @@ def run_cka(
     pad_id: int = 0,
     other_pad_id: int = 0,
 ) -> CKAResult:
-    """Capture every block's pooled output and compute the CKA matrix (and delta for one model)."""
+    """Capture every block's pooled output and compute the CKA matrix (and delta for one model).
+
+    ``pooling="tokens"`` compares every real token instead of one vector per example, streamed
+    through :func:`token_cka_matrix` (always the unbiased mini-batch estimator)."""
     if window < 1 or window % 2 == 0:
         raise LayerscopeError(f"window {window} must be a positive odd number (the paper uses 3 and 5)")
+    if pooling == "tokens":
+        n_layers = architecture(model).num_layers
+        labels = (["emb"] if include_embeddings else []) + [str(i) for i in range(n_layers)]
+        if other is not None:
+            if other_sequences is not None and [s.input_ids for s in other_sequences] != [s.input_ids for s in sequences]:
+                raise LayerscopeError("token-level CKA between two models needs the same token sequences: "
+                                      "the two tokenizers differ; use --pooling last_prompt or mean")
+            matrix = token_cka_matrix(model, sequences, other=other, kernel=kernel, include_embeddings=include_embeddings,
+                                      pad_id=pad_id, other_pad_id=other_pad_id)
+            other_layers = architecture(other).num_layers
+            other_labels = (["emb"] if include_embeddings else []) + [str(i) for i in range(other_layers)]
+            return CKAResult(matrix, labels, other_labels, shift=None, window=window)
+        matrix = token_cka_matrix(model, sequences, kernel=kernel, include_embeddings=include_embeddings, pad_id=pad_id)
+        body = slice(int(include_embeddings), None)
+        return CKAResult(matrix, labels, labels, shift=representation_shift(matrix[body, body], w=window), window=window)
     acts = capture_block_outputs(model, sequences, pooling=pooling, include_embeddings=include_embeddings, pad_id=pad_id)
     labels = (["emb"] if include_embeddings else []) + [str(i) for i in range(len(acts) - int(include_embeddings))]
     if other is None:

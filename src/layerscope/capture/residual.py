@@ -7,7 +7,7 @@ and layer), so they are kept; token-level statistics belong in streaming accumul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,56 @@ def pool_positions(target_mask: torch.Tensor, attention_mask: torch.Tensor, pool
     return weights
 
 
-@torch.inference_mode()
+def iter_block_outputs(
+    model: torch.nn.Module,
+    sequences: Sequence[ScoredSequence],
+    *,
+    pooling: str = "last_prompt",
+    include_embeddings: bool = False,
+    pad_id: int = 0,
+    max_tokens: int = 4096,
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Per batch: the indices of its sequences and every block's output (with
+    ``include_embeddings`` first the input of block 0), pooled per sequence to ``(b, hidden)``
+    float32 tensors on the model's device; with ``pooling="tokens"``, every real (non-padding) token
+    as one row, ``(tokens in the batch, hidden)``, the same tokens in the same order for every layer.
+    Only one batch's activations are held at a time."""
+    if not sequences:
+        raise LayerscopeError("empty data set: nothing to capture")
+    if pooling not in POOLINGS + ("tokens",):
+        raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS + ('tokens',))}")
+    arch = architecture(model)
+    device = next(model.parameters()).device
+    current: dict = {}
+
+    def record(hidden: torch.Tensor) -> None:
+        if pooling == "tokens":
+            current["out"].append(hidden[current["real"]].float())
+        else:
+            current["out"].append(torch.einsum("bt,btd->bd", current["weights"], hidden.float()))
+
+    handles = []
+    if include_embeddings:
+        handles.append(arch.block(0).register_forward_pre_hook(
+            lambda _m, args, kwargs: record(block_input(args, kwargs)), with_kwargs=True))
+    for i in range(arch.num_layers):
+        handles.append(arch.block(i).register_forward_hook(lambda _m, _a, output: record(block_output(output))))
+    try:
+        longest = max(len(s) for s in sequences)
+        for batch in make_batches(list(sequences), max_tokens=max(max_tokens, longest), pad_id=pad_id):
+            batch = batch.to(device)
+            current["out"] = []
+            current["real"] = batch.attention_mask.bool()
+            if pooling != "tokens":
+                current["weights"] = pool_positions(batch.target_mask, batch.attention_mask, pooling)
+            with torch.inference_mode():
+                arch.base_model()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            yield batch.index, current["out"]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_block_outputs(
     model: torch.nn.Module,
     sequences: Sequence[ScoredSequence],
@@ -67,36 +116,14 @@ def capture_block_outputs(
 ) -> list[np.ndarray]:
     """The pooled output of every block (blocks 0..L-1; with ``include_embeddings`` first the
     input of block 0), as float32 arrays of shape ``(n_sequences, hidden)``, in the sequences' order."""
-    if not sequences:
-        raise LayerscopeError("empty data set: nothing to capture")
     if pooling not in POOLINGS:
-        raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+        raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)} "
+                              "(token-level activations stream through iter_block_outputs)")
     arch = architecture(model)
-    device = next(model.parameters()).device
     n_layers = arch.num_layers + int(include_embeddings)
     out = [np.zeros((len(sequences), arch.hidden_size), dtype=np.float32) for _ in range(n_layers)]
-    current: dict = {}
-
-    def record(slot: int, hidden: torch.Tensor) -> None:
-        pooled = torch.einsum("bt,btd->bd", current["weights"], hidden.float())
-        out[slot][current["index"]] = pooled.cpu().numpy()
-
-    handles = []
-    offset = int(include_embeddings)
-    if include_embeddings:
-        handles.append(arch.block(0).register_forward_pre_hook(
-            lambda _m, args, kwargs: record(0, block_input(args, kwargs)), with_kwargs=True))
-    for i in range(arch.num_layers):
-        handles.append(arch.block(i).register_forward_hook(
-            lambda _m, _a, output, slot=i + offset: record(slot, block_output(output))))
-    try:
-        longest = max(len(s) for s in sequences)
-        for batch in make_batches(list(sequences), max_tokens=max(max_tokens, longest), pad_id=pad_id):
-            batch = batch.to(device)
-            current["weights"] = pool_positions(batch.target_mask, batch.attention_mask, pooling)
-            current["index"] = batch.index
-            arch.base_model()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for index, layers in iter_block_outputs(model, sequences, pooling=pooling, include_embeddings=include_embeddings,
+                                            pad_id=pad_id, max_tokens=max_tokens):
+        for slot, pooled in enumerate(layers):
+            out[slot][index] = pooled.cpu().numpy()
     return out

@@ -92,7 +92,7 @@ def cka_cmd(
     template: str = typer.Option("dolly", help=TEMPLATE_HELP),
     samples: int = typer.Option(64, help="Examples (or corpus windows)."),
     seq_len: int = typer.Option(128, help="Tokens per corpus window."),
-    pooling: str = typer.Option("auto", help="last_prompt, last, mean (auto: last_prompt for instructions, else mean)."),
+    pooling: str = typer.Option("auto", help="last_prompt, last, mean, tokens (every real token, streamed; auto: last_prompt for instructions, else mean)."),
     kernel: str = typer.Option("linear", help="linear or rbf."),
     unbiased: bool = typer.Option(False, help="Unbiased HSIC estimator."),
     embeddings: bool = typer.Option(False, help="Include the embedding output as a layer."),
@@ -161,6 +161,7 @@ def critical_layers_cmd(
     top: int = typer.Option(3, help="Number of largest-shift layers taken as centres."),
     radius: int = typer.Option(1, help="Neighbours on each side of a centre also predicted critical."),
     edge: int = typer.Option(2, help="Leave the first and last EDGE blocks out of the candidates."),
+    select: str = typer.Option("dips", help="dips (local minima of delta, by prominence) or lowest (smallest delta)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/critical-layers-<timestamp>)."),
     seed: int = typer.Option(0),
     dtype: Optional[str] = typer.Option(None),
@@ -171,7 +172,7 @@ def critical_layers_cmd(
 
     result, folder = critical_layers(model, sources=data, template=template, samples=samples, seq_len=seq_len,
                                      kernel=kernel, unbiased=unbiased, window=window, top=top, radius=radius,
-                                     edge=edge, out=out, seed=seed, dtype=dtype, device=device)
+                                     edge=edge, select=select, out=out, seed=seed, dtype=dtype, device=device)
     for row in result.agreement():
         console.print(f"{row['data_a']} vs {row['data_b']}: CKA matrices correlate {row['cka_matrix_pearson']:.3f}, "
                       f"delta rank correlation {row['delta_spearman']:.3f}, change points "
