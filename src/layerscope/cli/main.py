@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import LayerscopeError
+from .finetune import finetune_cmd
 
 app = typer.Typer(
     add_completion=False,
@@ -198,6 +199,9 @@ def correlate_cmd(
     s = result.stats
     console.print(f"Spearman {s['spearman']:.4f} (p={s['spearman_p']:.3g}, 95% CI {s['spearman_ci'][0]:.3f}..{s['spearman_ci'][1]:.3f}), "
                   f"Kendall {s['kendall']:.4f} (p={s['kendall_p']:.3g}) over {s['n']} layers; report in {folder / 'report.html'}")
+
+
+app.command("finetune")(finetune_cmd)
 
 
 @app.command("evaluate")
