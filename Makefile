@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layerscope-installed
 
-.PHONY: setup install model demo test bench clean
+.PHONY: setup install model demo critical test bench clean
 
 setup: install model
 
@@ -23,6 +23,19 @@ model: $(STAMP)
 
 demo: setup
 	$(BIN)/layerscope ablate smollm2-135m --out runs/demo
+
+# The critical-layers study end to end on the embedded model (README, "Critical layers, end to end").
+# A finished fine-tune is kept (its folder is refused as an output again); the other runs resume.
+FT := --data dolly --template dolly --samples 0 --quiet
+critical: setup
+	test -f runs/ft-dolly/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --lr 5e-5 --out runs/ft-dolly
+	$(BIN)/layerscope substitute --base smollm2-135m --finetuned runs/ft-dolly --out runs/substitute --quiet
+	$(BIN)/layerscope critical-layers smollm2-135m --data dolly --data alpaca --out runs/critical-layers
+	$(BIN)/layerscope correlate runs/substitute runs/critical-layers --out runs/critical-report
+	test -f runs/ft-predicted/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --lr 1e-4 --layers runs/critical-layers/prediction.json --out runs/ft-predicted
+	test -f runs/ft-control/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --lr 1e-4 --layers runs/critical-layers/prediction.json:control_layers --out runs/ft-control
+	$(BIN)/layerscope evaluate runs/ft-predicted --instructions prune_16 --template dolly --samples 300
+	$(BIN)/layerscope evaluate runs/ft-control --instructions prune_16 --template dolly --samples 300
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -411,3 +411,16 @@ def test_instruction_sequences_train_end_to_end(tmp_path):
     result = finetune(model, tok, seqs, tmp_path / "out", config, progress=False)
     assert result.steps == 2 and len(result.lora_targets) == 2
     assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_layer_lists_from_a_prediction_file(tmp_path):
+    from layerscope.cli.layer_lists import parse_layer_list
+
+    path = tmp_path / "prediction.json"
+    path.write_text(json.dumps({"predicted_layers": [12, 13, 14], "control_layers": [6, 7, 8], "top": 3}))
+    assert parse_layer_list(str(path)) == [12, 13, 14]
+    assert parse_layer_list(f"{path}:control_layers") == [6, 7, 8]
+    with pytest.raises(LayerscopeError, match="no layer list 'top'; allowed: control_layers, predicted_layers"):
+        parse_layer_list(f"{path}:top")
+    with pytest.raises(LayerscopeError, match="does not exist"):
+        parse_layer_list(str(tmp_path / "missing.json"))

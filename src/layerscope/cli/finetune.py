@@ -23,7 +23,7 @@ def finetune_cmd(
     samples: Annotated[int | None, typer.Option(help="Training examples drawn from the data (0: all).")] = 256,
     eval_samples: Annotated[int, typer.Option(help="Other examples of the same data held out to report eval loss before/after.")] = 0,
     method: Annotated[str, typer.Option(help="full or lora.")] = "full",
-    layers: Annotated[str | None, typer.Option(help="Blocks to train, e.g. '3,4,5' or '3-7' (default: all).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Blocks to train, e.g. '3,4,5' or '3-7', or RUN/prediction.json[:control_layers] from critical-layers (default: all).")] = None,
     freeze_layers: Annotated[str | None, typer.Option(help="Blocks never trained, e.g. '0-3'.")] = None,
     epochs: Annotated[float, typer.Option(help="Passes over the training examples.")] = 1.0,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,

@@ -1,8 +1,12 @@
-"""Parse layer lists written on the command line: ``"3,4,5"``, ``"3-7"``, ``"0,2,5-7"``, ``"-1"``."""
+"""Parse layer lists written on the command line: ``"3,4,5"``, ``"3-7"``, ``"0,2,5-7"``, ``"-1"``,
+or a ``prediction.json`` written by ``layerscope critical-layers`` (``RUN/prediction.json`` for its
+predicted layers, ``RUN/prediction.json:control_layers`` for the control set)."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from ..errors import LayerscopeError
 
@@ -20,6 +24,8 @@ def parse_layer_list(text: str | None) -> list[int] | None:
     """
     if text is None or not str(text).strip():
         return None
+    if str(text).split(":")[0].endswith(".json"):
+        return _from_prediction(str(text))
     out: list[int] = []
     for item in str(text).split(","):
         token = item.strip()
@@ -37,3 +43,20 @@ def parse_layer_list(text: str | None) -> list[int] | None:
             )
         out.extend(v for v in values if v not in out)
     return out
+
+
+def _from_prediction(text: str) -> list[int]:
+    """``path.json`` (its ``predicted_layers``) or ``path.json:key`` (a list of layers under ``key``)."""
+    path, _, key = text.partition(":")
+    key = key or "predicted_layers"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LayerscopeError(f"layer list file {path!r} does not exist (write `layerscope critical-layers ... --out RUN` "
+                              "first, then RUN/prediction.json)") from None
+    except json.JSONDecodeError as exc:
+        raise LayerscopeError(f"layer list file {path!r} is not valid JSON ({exc})") from None
+    lists = {k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(i, int) for i in v)}
+    if key not in lists:
+        raise LayerscopeError(f"{path!r} has no layer list {key!r}; allowed: {', '.join(sorted(lists)) or 'none'}")
+    return list(dict.fromkeys(lists[key]))
