@@ -194,3 +194,22 @@ def test_substitute_command_writes_the_documented_columns(tmp_path, capsys):
     code, _, err = run_cli(["substitute", "--base", str(tmp_path / "base"), "--finetuned", "tiny-gpt2",
                             "--instructions", str(data), "--quiet", "--out", str(tmp_path / "bad")], capsys)
     assert code == 2 and "different families" in err and "Traceback" not in err
+
+
+def test_optional_generation_with_the_window_substituted(tmp_path):
+    from layerscope.evaluate.generation import generate
+
+    base, tuned, tok = pair("tiny-llama")
+    seqs = instruction_sequences(tok, EXAMPLES, "dolly")
+    prompts = ["Hello", "Name a colour."]
+    with ResultsStore(tmp_path / "g.sqlite") as store:
+        frame = run_substitution(tuned, base, seqs, window=3, store=store, run_parts={}, progress=False,
+                                 generate_prompts=prompts, tokenizer=tok, max_new_tokens=5).to_frame()
+    expected = generate(copied_weights(tuned, base, [0, 1, 2]), tok, prompts, max_new_tokens=5)
+    assert json.loads(frame.loc[frame["center"] == 1, "generations"].iloc[0]) == expected
+    with ResultsStore(tmp_path / "h.sqlite") as store:
+        plain = run_substitution(tuned, base, seqs, window=3, store=store, run_parts={}, progress=False).to_frame()
+    assert "generations" not in plain  # off by default
+    with pytest.raises(LayerscopeError, match="needs the tokenizer"):
+        run_substitution(tuned, base, seqs, window=3, store=ResultsStore(tmp_path / "i.sqlite"), run_parts={},
+                         progress=False, generate_prompts=prompts)

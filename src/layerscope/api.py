@@ -206,8 +206,13 @@ def substitute(
     device: str | None = None,
     reuse_prefix: bool = True,
     progress: bool = True,
+    generate_examples: int = 0,
+    max_new_tokens: int = 32,
 ):
     """Put each window of ``base``'s blocks into ``finetuned`` and measure the test loss per centre.
+
+    ``generate_examples=k`` also records, per centre, greedy continuations of the first ``k`` test
+    prompts (``generations.jsonl``); off by default.
 
     The test set is an instruction set scored on the responses (default: the critical-layers
     paper's 300 Dolly test examples in its template), or, with ``instructions=None``, corpus
@@ -231,12 +236,30 @@ def substitute(
     run_parts = {**fps, "data": config["data"], "template": config["template"], "data_fingerprint": sequences_fingerprint(seqs),
                  "dtype": str(tuned.dtype), "version": __version__}
     folder.write_run_json(config, seed=seed, fingerprint=run_parts)
+    prompts = None
+    if generate_examples:
+        _check_positive("generate-examples", generate_examples)
+        if not instructions:
+            raise LayerscopeError("--generate-examples needs an instruction test set (--instructions), not a corpus")
+        from .data.instructions import render
+
+        examples = load_instructions(instructions, limit=samples, seed=seed)[:generate_examples]
+        prompts = [render(example, template, tokenizer)[0] for example in examples]
     with ResultsStore(folder.store_path) as store:
         result = run_substitution(tuned, donor, seqs, window=window, store=store, run_parts=run_parts,
                                   pad_id=_pad_id(tokenizer), average=average, reuse_prefix=reuse_prefix,
-                                  progress=progress)
+                                  progress=progress, generate_prompts=prompts, tokenizer=tokenizer,
+                                  max_new_tokens=max_new_tokens)
     result.config.update(config)
     frame = result.to_frame()
+    if prompts:
+        import json
+
+        with open(folder.path("generations.jsonl"), "w", encoding="utf-8") as handle:
+            for _, row in frame.iterrows():
+                for prompt, text in zip(prompts, json.loads(row["generations"])):
+                    handle.write(json.dumps({"center": int(row["center"]), "prompt": prompt, "generation": text}) + "\n")
+        frame = frame.drop(columns=["generations"])
     paths = result.save(folder)
     write_report(
         folder.path("report.html"), title=f"Layer substitution: {base} blocks in {finetuned}",

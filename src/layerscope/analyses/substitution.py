@@ -19,6 +19,7 @@ output is computed once for the whole sweep (prefix reuse).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import torch
 
 from ..data.sequences import ScoredSequence
 from ..evaluate.engine import LOSS_AVERAGES, Evaluator
+from ..evaluate.generation import generate
 from ..errors import LayerscopeError
-from ..interventions import SubstituteBlocks, check_substitutable
+from ..interventions import SubstituteBlocks, check_substitutable, intervene
 from ..models.architecture import architecture
 from ..runner import ResultsStore, fingerprint, run_sweep
 from .windows import window_bounds, window_centres
@@ -87,19 +89,29 @@ def run_substitution(
     average: str = "example",
     reuse_prefix: bool = True,
     progress: bool = True,
+    generate_prompts: list[str] | None = None,
+    tokenizer=None,
+    max_new_tokens: int = 32,
 ) -> SubstitutionResult:
     """Substitute each window of ``base``'s blocks into ``finetuned`` and score ``sequences``.
 
+    With ``generate_prompts`` (and the ``tokenizer``), each centre also records the greedy
+    continuations of those prompts with the window substituted (column ``generations``, a JSON
+    list); off by default, as the paper's analysis never used its 32 generated tokens.
     Each finished centre is stored at once in ``store`` under a run id derived from ``run_parts``
     (both models' fingerprints, the data, the configuration), so a rerun resumes.
     """
     if average not in LOSS_AVERAGES:
         raise LayerscopeError(f"unknown loss average {average!r}; allowed: {', '.join(LOSS_AVERAGES)}")
     check_substitutable(finetuned, base, "base and fine-tuned models")
+    if generate_prompts and tokenizer is None:
+        raise LayerscopeError("generation needs the tokenizer: pass tokenizer= with generate_prompts=")
     arch = architecture(finetuned)
     centres = window_centres(arch.num_layers, window)
     evaluator = Evaluator(finetuned, sequences, pad_id=pad_id)
-    run_id = fingerprint(run_parts, {"analysis": "substitute", "window": window, "average": average})
+    run_id = fingerprint(run_parts, {"analysis": "substitute", "window": window, "average": average,
+                                     **({"generate": list(generate_prompts), "max_new_tokens": max_new_tokens}
+                                        if generate_prompts else {})})
     points = [{"center": c, "window": window} for c in centres]
     state: dict = {}
 
@@ -117,7 +129,12 @@ def run_substitution(
         layers = list(range(start, end))
         loss = evaluator.score([SubstituteBlocks(base, layers)], reuse=cache).loss(average)
         gain = base_loss - tuned_loss
-        return {
+        extra = {}
+        if generate_prompts:
+            with intervene(finetuned, SubstituteBlocks(base, layers)):
+                texts = generate(finetuned, tokenizer, generate_prompts, max_new_tokens=max_new_tokens)
+            extra["generations"] = json.dumps(texts)
+        return {**extra,
             "window_start": start, "window_end": end, "layers": ",".join(map(str, layers)),
             "loss": loss, "finetuned_loss": tuned_loss, "base_loss": base_loss,
             "loss_reduction": loss - tuned_loss,

@@ -131,6 +131,8 @@ def substitute_cmd(
     dtype: Optional[str] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="Disable prefix reuse (for comparison)."),
+    generate_examples: int = typer.Option(0, help="Also generate greedily for the first N test prompts per centre (generations.jsonl)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens per generation."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Put each window of the base model's blocks into the fine-tuned model; loss per centre layer."""
@@ -140,6 +142,7 @@ def substitute_cmd(
         base, finetuned, window=window, instructions=None if data else instructions, template=template,
         data=data or "builtin", samples=samples, seq_len=seq_len, average=average, out=out, seed=seed,
         dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet,
+        generate_examples=generate_examples, max_new_tokens=max_new_tokens,
     )
     frame = result.to_frame().sort_values("loss", ascending=False)
     console.print(_table("windows by loss with base blocks (largest first)", frame,
