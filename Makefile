@@ -26,14 +26,16 @@ demo: setup
 
 # The critical-layers study end to end on the embedded model (README, "Critical layers, end to end").
 # A finished fine-tune is kept (its folder is refused as an output again); the other runs resume.
-FT := --data dolly --template dolly --samples 0 --quiet
+FT := --data dolly --template dolly --quiet
+ARM := $(FT) --samples 200 --max-len 384 --lr 1e-4
 critical: setup
-	test -f runs/ft-dolly/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --lr 5e-5 --out runs/ft-dolly
+	test -f runs/ft-dolly/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --samples 0 --lr 5e-5 --out runs/ft-dolly
 	$(BIN)/layerscope substitute --base smollm2-135m --finetuned runs/ft-dolly --out runs/substitute --quiet
 	$(BIN)/layerscope critical-layers smollm2-135m --data dolly --data alpaca --out runs/critical-layers
 	$(BIN)/layerscope correlate runs/substitute runs/critical-layers --out runs/critical-report
-	test -f runs/ft-predicted/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --lr 1e-4 --layers runs/critical-layers/prediction.json --out runs/ft-predicted
-	test -f runs/ft-control/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --lr 1e-4 --layers runs/critical-layers/prediction.json:control_layers --out runs/ft-control
+	test -f runs/ft-predicted/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(ARM) --layers runs/critical-layers/prediction.json --out runs/ft-predicted
+	test -f runs/ft-control/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(ARM) --layers runs/critical-layers/prediction.json:control_layers --out runs/ft-control
+	$(BIN)/layerscope evaluate smollm2-135m --instructions prune_16 --template dolly --samples 300
 	$(BIN)/layerscope evaluate runs/ft-predicted --instructions prune_16 --template dolly --samples 300
 	$(BIN)/layerscope evaluate runs/ft-control --instructions prune_16 --template dolly --samples 300
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,9 +36,24 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def embedded_model():
     """The real SmolLM2-135M-Instruct, when `make setup` has fetched it; skipped otherwise."""
-    from layerscope.models.embedded import is_fetched
     from layerscope.models import load_model
+    from layerscope.models.embedded import is_fetched
 
     if not is_fetched("smollm2-135m"):
         pytest.skip("embedded model not fetched: run `make setup` (or `layerscope fetch smollm2-135m`)")
     return load_model("smollm2-135m")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``layerscope ARGS`` in-process through its real entry point: (exit code, stdout, stderr)."""
+    from layerscope.cli.main import main
+
+    argv = sys.argv
+    sys.argv = ["layerscope", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -12,9 +11,9 @@ from scipy import stats
 
 from layerscope.analyses.critical_layers import CriticalLayersResult
 from layerscope.analyses.representation import CKAResult
-from layerscope.cli.main import main
 from layerscope.errors import LayerscopeError
 from layerscope.metrics import representation_shift
+from tests.conftest import run_cli
 
 
 def cka_result(matrix: np.ndarray, window: int = 3) -> CKAResult:
@@ -82,18 +81,6 @@ def test_bad_prediction_settings_are_refused():
         CriticalLayersResult(["a", "b"], [a, a], edge=2)
     with pytest.raises(LayerscopeError, match="top 0"):
         CriticalLayersResult(["a", "b"], [a, a], top=0, edge=0)
-
-
-def run_cli(args, capsys):
-    argv = sys.argv
-    sys.argv = ["layerscope", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,6 @@ import torch
 
 from layerscope.analyses.substitution import run_substitution
 from layerscope.analyses.windows import window_centres
-from layerscope.cli.main import main
 from layerscope.data.instructions import InstructionExample, instruction_sequences
 from layerscope.data.sequences import ScoredSequence
 from layerscope.errors import LayerscopeError
@@ -24,6 +22,7 @@ from layerscope.models import model_fingerprint
 from layerscope.models.architecture import architecture
 from layerscope.models.tiny import TINY_MODELS, build_tiny_model
 from layerscope.runner import ResultsStore
+from tests.conftest import run_cli
 
 EXAMPLES = [
     InstructionExample("Name a colour.", "", "Blue, as in the sky."),
@@ -158,18 +157,6 @@ def test_models_that_cannot_stand_in_for_each_other_are_refused(tmp_path):
     with pytest.raises(LayerscopeError, match="window 9"):
         run_substitution(llama, llama, seqs, store=store, run_parts={}, window=9, progress=False)
     store.close()
-
-
-def run_cli(args, capsys):
-    argv = sys.argv
-    sys.argv = ["layerscope", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_substitute_command_writes_the_documented_columns(tmp_path, capsys):

@@ -198,7 +198,7 @@ def substitute(
     data: str = "builtin",
     samples: int | None = None,
     seq_len: int = 128,
-    max_len: int = 1024,
+    max_len: int = 4096,
     average: str = "example",
     out: str | Path | None = None,
     seed: int = 0,

