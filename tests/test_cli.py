@@ -12,19 +12,13 @@ import time
 import pandas as pd
 import pytest
 
-from layerscope.cli.main import main
+from tests.conftest import run_cli
 
 
-def run_cli(args, capsys):
-    sys_argv = sys.argv
-    sys.argv = ["layerscope", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = sys_argv
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Commands without --out write runs/<analysis>-<time> under the working directory: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 def test_ablate_writes_a_complete_run_folder(tmp_path, capsys):

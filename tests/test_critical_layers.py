@@ -119,6 +119,15 @@ def test_critical_layers_then_substitute_then_correlate(tmp_path, capsys, instru
     assert result["layers"] == layers
     expected = stats.spearmanr(losses.loc[layers], frame.set_index("layer")["delta"].loc[layers])[0]
     assert result["spearman"] == pytest.approx(expected)
+    assert set(result["other_columns"]) == {"delta_train", "delta_builtin"}
+    code, _, err = run_cli(["correlate", str(sub), str(cl), "--column", "delta_train", "--out", str(tmp_path / "c2"),
+                            "--n-boot", "0"], capsys)
+    assert code == 0, err
+    one = json.loads((tmp_path / "c2" / "correlation.json").read_text())
+    assert one["spearman"] == pytest.approx(stats.spearmanr(losses.loc[layers], frame.set_index("layer")["delta_train"].loc[layers])[0])
+    assert one["spearman"] == pytest.approx(result["other_columns"]["delta_train"]["spearman"])
+    code, _, err = run_cli(["correlate", str(sub), str(cl), "--column", "delta_x"], capsys)
+    assert code == 2 and "no column 'delta_x'; allowed: delta, delta_train, delta_builtin" in err
     html = (cor / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # scatter, substitution bars, both heatmaps, delta
     code, _, err = run_cli(["correlate", str(sub), str(sub)], capsys)

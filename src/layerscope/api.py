@@ -369,14 +369,15 @@ def critical_layers(
     return prediction, folder.out
 
 
-def correlate(run_a: str | Path, run_b: str | Path, *, out: str | Path | None = None, n_boot: int = 1000, seed: int = 0):
+def correlate(run_a: str | Path, run_b: str | Path, *, column: str = "delta", out: str | Path | None = None,
+              n_boot: int = 1000, seed: int = 0):
     """Rank correlation between a substitution run's per-window loss and a CKA run's per-layer delta,
     with one report holding the evidence of both runs."""
     from .analyses.correlation import correlate_runs
     from .report.figures import bar_chart
     from .report.html import write_report
 
-    result = correlate_runs(run_a, run_b, n_boot=n_boot, seed=seed)
+    result = correlate_runs(run_a, run_b, column=column, n_boot=n_boot, seed=seed)
     folder = RunFolder(Path(out) if out else None, "correlate")
     folder.write_run_json({"analysis": "correlate", "runs": [str(run_a), str(run_b)], "n_boot": n_boot}, seed=seed,
                           fingerprint={"runs": [str(Path(run_a).resolve()), str(Path(run_b).resolve())]})
@@ -389,13 +390,16 @@ def correlate(run_a: str | Path, run_b: str | Path, *, out: str | Path | None = 
                      xlabel="centre layer", ylabel="loss", baseline=float(sub_frame["finetuned_loss"].iloc[0]),
                      marked=predicted, highlight_top=None if predicted else 3)
     stats = result.stats
-    summary = {"spearman": round(stats["spearman"], 4), "spearman_p": stats["spearman_p"],
+    summary = {"representation term": column, "spearman": round(stats["spearman"], 4), "spearman_p": stats["spearman_p"],
                "spearman_95ci": [round(v, 4) for v in stats["spearman_ci"]],
                "kendall": round(stats["kendall"], 4), "kendall_p": stats["kendall_p"],
                "kendall_95ci": [round(v, 4) for v in stats["kendall_ci"]], "n_layers": stats["n"],
                "predicted_layers": ",".join(map(str, predicted)) if predicted else "(not a critical-layers run)",
                "substitution_run": str(result.substitution.folder), "representation_run": str(result.representation.folder),
                "finetuned_loss": float(sub_frame["finetuned_loss"].iloc[0]), "base_loss": float(sub_frame["base_loss"].iloc[0])}
+    for name, other in stats["other_columns"].items():
+        summary[f"spearman with {name}"] = (f"{other['spearman']:.4f} (p={other['spearman_p']:.3g}, 95% CI "
+                                            f"{other['spearman_ci'][0]:.3f}..{other['spearman_ci'][1]:.3f})")
     figures = [(paths[-1], "representation term (before fine-tuning) against substitution loss (after)"),
                (bars, "loss with each window of base blocks substituted; dashed: fine-tuned model")]
     figures += [(p, f"{result.representation.analysis} run: {p.stem}") for p in result.representation.figures]

@@ -29,6 +29,7 @@ class RunSide:
     analysis: str
     values: pd.Series  # indexed by layer (centre layer for substitution runs)
     config: dict = field(default_factory=dict)
+    alternatives: dict[str, pd.Series] = field(default_factory=dict)  # other per-layer delta columns
 
     @property
     def figures(self) -> list[Path]:
@@ -39,8 +40,10 @@ class RunSide:
         return json.loads(path.read_text())["predicted_layers"] if path.is_file() else None
 
 
-def read_run(folder: str | Path) -> RunSide:
-    """A substitution run (``center``, ``loss``) or a representation run (``layer``, ``delta``)."""
+def read_run(folder: str | Path, column: str = "delta") -> RunSide:
+    """A substitution run (``center``, ``loss``) or a representation run (``layer`` and the
+    ``column`` of its per-layer table: ``delta``, or for a critical-layers run one data set's
+    ``delta_<name>``)."""
     folder = Path(folder)
     run_json, results = folder / "run.json", folder / "results.csv"
     if not run_json.is_file() or not results.is_file():
@@ -54,7 +57,12 @@ def read_run(folder: str | Path) -> RunSide:
         if "delta" not in frame:
             raise LayerscopeError(f"{str(folder)!r} is a CKA run between two models: it has no per-layer delta; "
                                   "run `layerscope cka MODEL` (one model) or `layerscope critical-layers`")
-        values = frame.set_index("layer")["delta"]
+        deltas = [c for c in frame if c.startswith("delta")]
+        if column not in deltas:
+            raise LayerscopeError(f"{str(folder)!r} has no column {column!r}; allowed: {', '.join(deltas)}")
+        table = frame.set_index("layer")
+        return RunSide(folder, analysis, table[column].astype(float), config,
+                       {c: table[c].astype(float) for c in deltas if c != column})
     else:
         raise LayerscopeError(f"run {str(folder)!r} is a {analysis!r} run; allowed: "
                               f"{', '.join(SUBSTITUTION_RUNS + REPRESENTATION_RUNS)}")
@@ -89,9 +97,11 @@ class CorrelationResult:
         return paths
 
 
-def correlate_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 1000, seed: int = 0) -> CorrelationResult:
-    """Pair a substitution run with a representation run (either order) on their common layers."""
-    sides = [read_run(run_a), read_run(run_b)]
+def correlate_runs(run_a: str | Path, run_b: str | Path, *, column: str = "delta", n_boot: int = 1000,
+                   seed: int = 0) -> CorrelationResult:
+    """Pair a substitution run with a representation run (either order) on their common layers;
+    ``column`` picks the representation run's per-layer term (the others are reported beside it)."""
+    sides = [read_run(run_a, column), read_run(run_b, column)]
     subs = [s for s in sides if s.analysis in SUBSTITUTION_RUNS]
     reps = [s for s in sides if s.analysis in REPRESENTATION_RUNS]
     if len(subs) != 1 or len(reps) != 1:
@@ -105,6 +115,11 @@ def correlate_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 1000, 
     pairs = pd.DataFrame({"layer": layers, "loss": sub.values.loc[layers].to_numpy(),
                           "delta": rep.values.loc[layers].to_numpy()})
     stats = rank_correlation(pairs["loss"], pairs["delta"], n_boot=n_boot, seed=seed)
+    others = {name: rank_correlation(pairs["loss"], series.loc[layers].to_numpy(), n_boot=n_boot, seed=seed)
+              for name, series in rep.alternatives.items()}
     stats = {**stats, "spearman_ci": list(stats["spearman_ci"]), "kendall_ci": list(stats["kendall_ci"]),
-             "layers": layers, "substitution_run": str(sub.folder), "representation_run": str(rep.folder)}
+             "column": column, "layers": layers, "substitution_run": str(sub.folder), "representation_run": str(rep.folder),
+             "other_columns": {name: {"spearman": r["spearman"], "spearman_p": r["spearman_p"],
+                                      "spearman_ci": list(r["spearman_ci"]), "kendall": r["kendall"]}
+                               for name, r in others.items()}}
     return CorrelationResult(pairs, stats, sub, rep)

@@ -192,6 +192,7 @@ def critical_layers_cmd(
 def correlate_cmd(
     run_a: Path = typer.Argument(..., help="A run folder of `substitute`, or of `cka`/`critical-layers`."),
     run_b: Path = typer.Argument(..., help="The other run folder."),
+    column: str = typer.Option("delta", help="The representation term: delta, or one data set's delta_<name> of a critical-layers run."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/correlate-<timestamp>)."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals (0: none)."),
     seed: int = typer.Option(0),
@@ -199,10 +200,13 @@ def correlate_cmd(
     """Rank correlation of per-window substitution loss with the per-layer representation term."""
     from ..api import correlate
 
-    result, folder = correlate(run_a, run_b, out=out, n_boot=n_boot, seed=seed)
+    result, folder = correlate(run_a, run_b, column=column, out=out, n_boot=n_boot, seed=seed)
     s = result.stats
     console.print(f"Spearman {s['spearman']:.4f} (p={s['spearman_p']:.3g}, 95% CI {s['spearman_ci'][0]:.3f}..{s['spearman_ci'][1]:.3f}), "
-                  f"Kendall {s['kendall']:.4f} (p={s['kendall_p']:.3g}) over {s['n']} layers; report in {folder / 'report.html'}")
+                  f"Kendall {s['kendall']:.4f} (p={s['kendall_p']:.3g}) over {s['n']} layers, with {column}")
+    for name, other in s["other_columns"].items():
+        console.print(f"  with {name}: Spearman {other['spearman']:.4f} (p={other['spearman_p']:.3g})")
+    console.print(f"report in {folder / 'report.html'}")
 
 
 app.command("finetune")(finetune_cmd)
