@@ -33,6 +33,7 @@ critical: setup
 	$(BIN)/layerscope substitute --base smollm2-135m --finetuned runs/ft-dolly --out runs/substitute --quiet
 	$(BIN)/layerscope critical-layers smollm2-135m --data dolly --data alpaca --out runs/critical-layers
 	$(BIN)/layerscope correlate runs/substitute runs/critical-layers --out runs/critical-report
+	$(BIN)/layerscope correlate runs/substitute runs/critical-layers --column delta_dolly --out runs/critical-report-dolly
 	test -f runs/ft-predicted/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(ARM) --layers runs/critical-layers/prediction.json --out runs/ft-predicted
 	test -f runs/ft-control/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(ARM) --layers runs/critical-layers/prediction.json:control_layers --out runs/ft-control
 	$(BIN)/layerscope evaluate smollm2-135m --instructions prune_16 --template dolly --samples 300
