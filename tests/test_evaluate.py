@@ -44,12 +44,15 @@ def test_mc_accuracy_matches_brute_force():
 def test_instruction_loss_counts_only_response_tokens():
     model, tok = tiny("tiny-llama")
     examples = [InstructionExample("Say hi.", "", "Hi there."), InstructionExample("Add.", "1 and 2", "3")]
-    seqs = instruction_sequences(tok, examples, "dolly")
+    seqs = instruction_sequences(tok, examples, "dolly-plain")
     scores = Evaluator(model, seqs, pad_id=0).score()
     # Response-only: "Hi there." is 9 bytes + EOS, "3" is 1 byte + EOS in the byte-level tokenizer.
     assert scores.n_targets.tolist() == [10, 2]
+    # The paper's template scores " " + response + " " + EOS.
+    paper = instruction_sequences(tok, examples, "dolly")
+    assert Evaluator(model, paper, pad_id=0).score().n_targets.tolist() == [12, 4]
     # Changing the prompt changes the loss (it conditions), but its tokens are never scored.
-    other = instruction_sequences(tok, [InstructionExample("Say hello.", "", "Hi there.")], "dolly")
+    other = instruction_sequences(tok, [InstructionExample("Say hello.", "", "Hi there.")], "dolly-plain")
     assert Evaluator(model, other, pad_id=0).score().n_targets.tolist() == [10]
 
 
