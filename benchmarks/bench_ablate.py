@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import subprocess
 import tempfile
@@ -42,7 +43,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    desc = f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    desc = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name(0)}"
     return desc

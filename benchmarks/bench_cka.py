@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import time
 import warnings
@@ -46,22 +45,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ablate import machine  # noqa: E402
+
 from layerscope.capture import block_output, capture_block_outputs
 from layerscope.data.instructions import instruction_sequences, load_instructions
 from layerscope.metrics import MinibatchCKA, cka_matrix, linear_cka
 from layerscope.models import architecture, load_model
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def timed(fn, *args, **kwargs):

@@ -118,12 +118,6 @@ def evaluate_model(
     return rows
 
 
-def _study_sequences(tokenizer, *, data, instructions, template, samples, seq_len, seed):
-    if instructions:
-        return instruction_sequences(tokenizer, load_instructions(instructions, limit=samples, seed=seed), template)
-    return lm_sequences(tokenizer, load_texts(data), seq_len=seq_len, samples=samples, seed=seed)
-
-
 def cka_study(
     model: str = "smollm2-135m",
     *,
@@ -152,11 +146,11 @@ def cka_study(
         pooling = "last_prompt" if instructions else "mean"
     net, tok = load_model(model, dtype=dtype, device=device, seed=seed)
     kwargs = dict(data=data, instructions=instructions, template=template, samples=samples, seq_len=seq_len, seed=seed)
-    seqs = _study_sequences(tok, **kwargs)
+    seqs = _sequences(tok, **kwargs, max_len=512)
     other = other_tok = other_seqs = None
     if vs:
         other, other_tok = load_model(vs, dtype=dtype, device=device, seed=seed)
-        other_seqs = _study_sequences(other_tok, **kwargs)
+        other_seqs = _sequences(other_tok, **kwargs, max_len=512)
     folder = RunFolder(Path(out) if out else None, "cka")
     config = {"analysis": "cka", "model": model, "vs": vs, "data": instructions or data,
               "template": template if instructions else None, "samples": samples, "seq_len": seq_len,

@@ -70,17 +70,19 @@ def make_batches(
         current.append(i)
     groups.append(current)
 
-    batches = []
-    for group in groups:
-        width = len(seqs[group[0]])
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(group), width), dtype=torch.long)
-        target = torch.zeros((len(group), width), dtype=torch.bool)
-        for row, i in enumerate(group):
-            seq = seqs[i]
-            n = len(seq)
-            ids[row, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
-            attn[row, :n] = 1
-            target[row, :n] = torch.tensor(seq.target_mask, dtype=torch.bool)
-        batches.append(Batch(ids, attn, target, list(group)))
-    return batches
+    return [pad_batch(seqs, group, pad_id) for group in groups]
+
+
+def pad_batch(seqs: Sequence[ScoredSequence], index: Sequence[int], pad_id: int) -> Batch:
+    """Right-pad the sequences at ``index`` into one :class:`Batch` (rows in the given order)."""
+    width = max(len(seqs[i]) for i in index)
+    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(index), width), dtype=torch.long)
+    target = torch.zeros((len(index), width), dtype=torch.bool)
+    for row, i in enumerate(index):
+        seq = seqs[i]
+        n = len(seq)
+        ids[row, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
+        attn[row, :n] = 1
+        target[row, :n] = torch.tensor(seq.target_mask, dtype=torch.bool)
+    return Batch(ids, attn, target, list(index))

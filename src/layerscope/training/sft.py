@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerscope.data.batching import pad_batch
 from layerscope.data.sequences import Batch, ScoredSequence, sequences_fingerprint
 from layerscope.errors import LayerscopeError
 from layerscope.models.architecture import Architecture, architecture
@@ -114,21 +115,6 @@ def length_grouped(order: list[int], lengths: Sequence[int], batch_size: int, gr
     for lo in range(0, len(order), size):
         out += sorted(order[lo : lo + size], key=lambda i: -lengths[i])
     return out
-
-
-def collate(sequences: Sequence[ScoredSequence], index: Sequence[int], pad_id: int) -> Batch:
-    """Right-pad the sequences at ``index`` into one batch (rows in the given order)."""
-    width = max(len(sequences[i]) for i in index)
-    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(index), width), dtype=torch.long)
-    target = torch.zeros((len(index), width), dtype=torch.bool)
-    for row, i in enumerate(index):
-        seq = sequences[i]
-        n = len(seq)
-        ids[row, :n] = torch.tensor(seq.input_ids, dtype=torch.long)
-        attention[row, :n] = 1
-        target[row, :n] = torch.tensor(seq.target_mask, dtype=torch.bool)
-    return Batch(ids, attention, target, list(index))
 
 
 def summed_nll(arch: Architecture, batch: Batch) -> torch.Tensor:
@@ -329,7 +315,7 @@ def finetune(
                     this_epoch = epoch
                     while epoch == this_epoch and step < total:
                         chunk = micro[position : position + config.grad_accum]
-                        batches = [collate(sequences, idx, pad_id) for idx in chunk]
+                        batches = [pad_batch(sequences, idx, pad_id) for idx in chunk]
                         n_targets = sum(int(b.target_mask[:, 1:].sum()) for b in batches)
                         optimizer.zero_grad(set_to_none=True)
                         total_nll = 0.0
