@@ -2,10 +2,12 @@
 
 from .base import Intervention, first_changed_block, intervene
 from .blocks import PassthroughBlock, SkipBlock, StartFromCache, block_returns_tuple
+from .pc_removal import PCRemoval
 from .substitution import SubstituteBlocks, check_substitutable
 from .weights import RoleEdit, ZeroRole
 
 __all__ = [
     "Intervention", "intervene", "first_changed_block", "SkipBlock", "StartFromCache",
     "PassthroughBlock", "block_returns_tuple", "RoleEdit", "ZeroRole", "SubstituteBlocks", "check_substitutable",
+    "PCRemoval",
 ]
