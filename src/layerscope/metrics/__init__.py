@@ -16,11 +16,13 @@ from layerscope.metrics.canonical_correlation import (
 )
 from layerscope.metrics.kernel_alignment import MinibatchCKA, cka, cka_matrix, hsic, linear_cka, rbf_cka, representation_shift
 from layerscope.metrics.correlation import rank_correlation
+from layerscope.metrics.pc_scores import PCScoreGram
 from layerscope.metrics.pca import PCAResult, StreamingCovariance, effective_rank, participation_ratio, pca
 
 __all__ = [
     "MinibatchCKA",
     "PCAResult",
+    "PCScoreGram",
     "PWCCAResult",
     "SampleSizeWarning",
     "StreamingCovariance",
