@@ -6,25 +6,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
-from .analyses.ablation import AblationResult, run_ablation
-from .data import (instruction_sequences, lm_sequences, load_instructions, load_mc, load_texts,
+from .. import __version__
+from ..analyses.ablation import AblationResult, run_ablation
+from ..data import (instruction_sequences, lm_sequences, load_instructions, load_mc, load_texts,
                    mc_sequences)
-from .data.sequences import sequences_fingerprint
-from .errors import LayerscopeError
-from .evaluate.engine import Evaluator
-from .evaluate.tasks import mc_from_scores
-from .models import load_model, model_fingerprint
-from .runner import ResultsStore, RunFolder
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise LayerscopeError(f"{name} {value} is out of range: must be at least {minimum}")
+from ..data.sequences import sequences_fingerprint
+from ..errors import LayerscopeError
+from ..evaluate.engine import Evaluator
+from ..evaluate.tasks import mc_from_scores
+from ..models import load_model, model_fingerprint
+from ..runner import ResultsStore, RunFolder
+from .common import build_sequences as _sequences
+from .common import check_positive as _check_positive
+from .common import is_instruction_source as _is_instruction_source
+from .common import pad_id_of as _pad_id
+from .common import source_label as _source_label
 
 
 def ablate(
@@ -62,7 +58,7 @@ def ablate(
     result.config.update(config)
     frame = result.to_frame()
     figure = result.save(folder)[-1]
-    from .report.html import write_report
+    from ..report.html import write_report
 
     write_report(
         folder.path("report.html"),
@@ -138,8 +134,8 @@ def cka_study(
     device: str | None = None,
 ):
     """Layer-by-layer CKA of one model (with the representation term) or between two models."""
-    from .analyses.representation import run_cka
-    from .report.html import write_report
+    from ..analyses.representation import run_cka
+    from ..report.html import write_report
 
     _check_positive("samples", samples)
     if pooling == "auto":
@@ -174,14 +170,6 @@ def cka_study(
     return result, folder.out
 
 
-def _sequences(tokenizer, *, data, instructions, template, samples, seq_len, seed, max_len=1024):
-    """Instruction sequences (response-only loss) when ``instructions`` is given, else corpus windows."""
-    if instructions:
-        examples = load_instructions(instructions, limit=samples, seed=seed)
-        return instruction_sequences(tokenizer, examples, template, max_len=max_len)
-    return lm_sequences(tokenizer, load_texts(data), seq_len=seq_len, samples=samples or 16, seed=seed)
-
-
 def substitute(
     base: str,
     finetuned: str,
@@ -212,8 +200,8 @@ def substitute(
     paper's 300 Dolly test examples in its template), or, with ``instructions=None``, corpus
     windows of ``data`` (perplexity). Writes a run folder and returns ``(result, folder)``.
     """
-    from .analyses.substitution import run_substitution
-    from .report.html import write_report
+    from ..analyses.substitution import run_substitution
+    from ..report.html import write_report
 
     if samples is not None:
         _check_positive("samples", samples)
@@ -235,7 +223,7 @@ def substitute(
         _check_positive("generate-examples", generate_examples)
         if not instructions:
             raise LayerscopeError("--generate-examples needs an instruction test set (--instructions), not a corpus")
-        from .data.instructions import render
+        from ..data.instructions import render
 
         examples = load_instructions(instructions, limit=samples, seed=seed)[:generate_examples]
         prompts = [render(example, template, tokenizer)[0] for example in examples]
@@ -270,26 +258,6 @@ def substitute(
     return result, folder.out
 
 
-def _is_instruction_source(source: str) -> bool:
-    """An instruction-set short name, or a .json/.jsonl file whose first record has an instruction."""
-    from .data import INSTRUCTION_SETS
-
-    if source in INSTRUCTION_SETS:
-        return True
-    path = Path(source)
-    if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
-        return False
-    with path.open(encoding="utf-8") as handle:
-        head = handle.read(4096)
-    return '"instruction"' in head or '"Instrunction"' in head
-
-
-def _source_label(source: str) -> str:
-    from .data.corpus import looks_like_path
-
-    return Path(source).stem if looks_like_path(source) else source
-
-
 def critical_layers(
     model: str = "smollm2-135m",
     *,
@@ -315,9 +283,9 @@ def critical_layers(
     over tokens. Writes a run folder (per-layer table, one CKA matrix and heatmap per data set,
     ``prediction.json`` with the layer list for ``layerscope finetune --layers``).
     """
-    from .analyses.critical_layers import CriticalLayersResult
-    from .analyses.representation import run_cka
-    from .report.html import write_report
+    from ..analyses.critical_layers import CriticalLayersResult
+    from ..analyses.representation import run_cka
+    from ..report.html import write_report
 
     _check_positive("samples", samples)
     sources = list(dict.fromkeys(sources))
@@ -367,9 +335,9 @@ def correlate(run_a: str | Path, run_b: str | Path, *, column: str = "delta", ou
               n_boot: int = 1000, seed: int = 0):
     """Rank correlation between a substitution run's per-window loss and a CKA run's per-layer delta,
     with one report holding the evidence of both runs."""
-    from .analyses.correlation import correlate_runs
-    from .report.figures import bar_chart
-    from .report.html import write_report
+    from ..analyses.correlation import correlate_runs
+    from ..report.figures import bar_chart
+    from ..report.html import write_report
 
     result = correlate_runs(run_a, run_b, column=column, n_boot=n_boot, seed=seed)
     folder = RunFolder(Path(out) if out else None, "correlate")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import LayerscopeError
 from .finetune import finetune_cmd
+from .spectral import activations_cmd, pc_remove_cmd, spectral_cmd
 
 app = typer.Typer(
     add_completion=False,
@@ -210,6 +211,9 @@ def correlate_cmd(
 
 
 app.command("finetune")(finetune_cmd)
+app.command("activations")(activations_cmd)
+app.command("spectral")(spectral_cmd)
+app.command("pc-remove")(pc_remove_cmd)
 
 
 @app.command("evaluate")
