@@ -172,3 +172,12 @@ def test_directions_round_trip_through_safetensors(tmp_path):
         load_directions(path, "7")
     with pytest.raises(LayerscopeError, match="does not exist"):
         load_directions(tmp_path / "none.safetensors", "0")
+
+
+def test_svcca_and_pwcca_are_left_empty_when_rows_are_too_few_for_the_width():
+    base = _layers(n=30, depth=2)  # 30 rows for 24 dimensions: CCA would report correlations near 1
+    tuned = [A + np.random.default_rng(3).standard_normal(A.shape) for A in base]
+    result = run_spectral(ArrayStore(base), ArrayStore(tuned), ks=(1,), keep=4)
+    assert result.versus["few_samples"].all()
+    assert result.versus["svcca"].isna().all() and result.versus["pwcca"].isna().all()
+    assert result.versus["cka"].notna().all() and result.versus["cca_k1"].notna().all()

@@ -53,10 +53,12 @@ def test_spectral_command_curves_match_direct_computation_on_the_stored_activati
 
 def test_spectral_versus_the_same_model_is_perfectly_similar(tmp_path, capsys):
     out = tmp_path / "vs"
-    code, _, err = run_cli(["spectral", "tiny-llama", "--vs", "tiny-llama", "--samples", "40", "--seq-len", "16",
-                            "--k", "1,3", "--keep", "4", "--out", str(out), "--quiet"], capsys)
+    code, _, err = run_cli(["spectral", "tiny-llama", "--vs", "tiny-llama", "--samples", "12", "--seq-len", "16",
+                            "--pooling", "tokens", "--token-budget", "160", "--k", "1,3", "--keep", "4",
+                            "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
     versus = pd.read_csv(out / "versus.csv")
+    assert len(versus) == 4 and not versus["few_samples"].any()  # 160 token rows for a width of 64
     for column in ("cca_k1", "cca_k3", "svcca", "pwcca", "cka"):
         np.testing.assert_allclose(versus[column], 1.0, atol=1e-6)
     assert (out / "activations-vs" / "manifest.json").is_file()

@@ -11,6 +11,7 @@ direction does. Greedy generations with and without the removal are shown side b
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,10 +71,12 @@ class PCRemovalResult:
         paths.append(line_chart(None, series, folder.path("loss_change.png"),
                                 title=f"Loss change when directions are removed from layer {self.layer}'s output",
                                 xlabel="number of directions removed", ylabel="loss change (nats/token)", baseline=0.0))
-        if self.generations:
-            gen = pd.DataFrame(self.generations)
-            gen.to_csv(folder.path("generations.csv"), index=False)
-            paths.append(folder.path("generations.csv"))
+        if self.generations:  # JSON lines: generated text may hold any character a CSV reader trips on
+            path = folder.path("generations.jsonl")
+            with open(path, "w", encoding="utf-8") as handle:
+                for row in self.generations:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            paths.append(path)
         return paths
 
 

@@ -244,6 +244,8 @@ def _versus(store, other, spectra, other_spectra, gram: PCScoreGram, ks, *, samp
             row["svcca"] = svcca(x, y, keep=0.99, rtol=1e-6)
             row["pwcca"] = pwcca(x, y, rtol=1e-6)
         row["few_samples"] = any(issubclass(w.category, SampleSizeWarning) for w in caught)
+        if row["few_samples"]:  # CCA on about as many dimensions as rows finds correlations near 1 in noise
+            row["svcca"] = row["pwcca"] = float("nan")
         row["cka"] = cka(x, y)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -132,8 +132,10 @@ def spectral(
              "(sum of eigenvalues)^2 / sum of squares."]
     if result.versus is not None:
         notes.append("vs_*: the same layer of the two models. SVCCA keeps 99% of each side's variance; PWCCA weights "
-                     f"by the first model's neurons; both on up to {sample_rows} rows (few_samples: fewer rows than "
-                     "twice the dimensions correlated, so they are biased towards 1).")
+                     f"by the first model's neurons; both on up to {sample_rows} rows. They are left empty (few_samples) "
+                     "when there are fewer rows than twice the dimensions correlated: CCA then finds correlations "
+                     "near 1 in noise (with n <= width, PWCCA is exactly 1). Use --pooling tokens with a "
+                     "--token-budget well above the width.")
     write_report(folder.path("report.html"), title=f"Spectral analysis of {model}" + (f" vs {vs}" if vs else ""),
                  summary=summary, table=table, figures=[p for p in paths if p.suffix == ".png"], notes=notes)
     return result, folder.out
