@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layerscope-installed
 
-.PHONY: setup install model demo critical test bench clean
+.PHONY: setup install model demo critical spectral test bench clean
 
 setup: install model
 
@@ -39,6 +39,13 @@ critical: setup
 	$(BIN)/layerscope evaluate smollm2-135m --instructions prune_16 --template dolly --samples 300
 	$(BIN)/layerscope evaluate runs/ft-predicted --instructions prune_16 --template dolly --samples 300
 	$(BIN)/layerscope evaluate runs/ft-control --instructions prune_16 --template dolly --samples 300
+
+# The spectral study on the embedded model and its Dolly fine-tune (README, "Spectral analysis").
+spectral: setup
+	test -f runs/ft-dolly/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --samples 0 --lr 5e-5 --out runs/ft-dolly
+	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --out runs/spectral-dolly --quiet
+	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --pooling tokens --token-budget 16384 --out runs/spectral-tokens --quiet
+	$(BIN)/layerscope pc-remove smollm2-135m --layer auto --top 1,2,4 --instructions dolly --samples 64 --out runs/pc-remove
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -47,7 +47,7 @@ def test_spectral_command_curves_match_direct_computation_on_the_stored_activati
     tidy = pd.read_csv(out / "results.csv")
     assert set(tidy["metric"]) == {"delta", "pc_cca"} and set(tidy["k"].dropna()) == {1, 3}
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "Spearman(cca_k3, delta)" in html
+    assert html.count("data:image/png;base64,") == 3 and "Spearman(cca_k3, delta)" in html
     assert (out / "pca.safetensors").is_file()
 
 

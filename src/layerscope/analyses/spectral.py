@@ -90,7 +90,7 @@ def score_gram(stores, spectra_per_store, *, k_max: int, chunk_rows: int = 2048,
     n = rows.pop()
     for lo in range(0, n, chunk_rows):
         hi = min(n, lo + chunk_rows)
-        gram.update([np.array(s.layer(i)[lo:hi], dtype=np.float32) for s in stores for i in range(s.num_layers)])
+        gram.update(np.array(s.layer(i)[lo:hi], dtype=np.float32) for s in stores for i in range(s.num_layers))
     return gram
 
 
@@ -161,7 +161,7 @@ class SpectralResult:
 
     def save(self, folder) -> list[Path]:
         """Tables (results, spectra, curves, neighbours, versus) and figures into a run folder."""
-        from ..report.figures import line_chart
+        from ..report.figures import heatmap, line_chart
 
         paths = [*folder.write_table(self.to_frame())]
         if self.directions:
@@ -178,6 +178,13 @@ class SpectralResult:
                                     "participation ratio": self.spectra["participation_ratio"].tolist()},
                                 folder.path("spectrum.png"), title="Dimensionality of each layer's representation",
                                 xlabel="layer", ylabel="dimensions", logy=True))
+        if self.directions:
+            top = min(32, len(self.directions[0].eigenvalues))
+            shares = np.array([sp.eigenvalues[:top] / max(sp.total_variance, 1e-300) for sp in self.directions])
+            paths.append(heatmap(np.log10(np.clip(shares, 1e-12, None)), folder.path("explained_variance.png"),
+                                 title="Share of each layer's variance per principal component (log10)",
+                                 xlabel="principal component", ylabel="layer", yticklabels=self.labels,
+                                 colorbar_label="log10 variance share", annotate=False))
         if self.versus is not None:
             paths += [*folder.write_table(self.versus, "versus")]
             vs_series = {f"CCA, top {k} PCs": self.versus[f"cca_k{k}"].tolist() for k in self.ks}

@@ -16,7 +16,7 @@ same column space as ``U[:, :k]`` of the centred data's SVD). No iterative solve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,12 +59,15 @@ class PCScoreGram:
     def num_views(self) -> int:
         return len(self.ks)
 
-    def update(self, views: Sequence[Any]) -> "PCScoreGram":
-        """Add the same ``b`` rows of every view (``views[v]`` is ``(b, d_v)``); returns self."""
-        if len(views) != self.num_views:
-            raise LayerscopeError(f"got {len(views)} views: this PCScoreGram was built for {self.num_views}")
+    def update(self, views: Iterable[Any]) -> "PCScoreGram":
+        """Add the same ``b`` rows of every view (``views[v]`` is ``(b, d_v)``); returns self.
+
+        ``views`` may be a generator: each view is reduced to its ``k_v`` scores before the next one
+        is read, so only one view's rows are in memory at a time."""
         scores, rows = [], None
         for v, block in enumerate(views):
+            if v >= self.num_views:
+                raise LayerscopeError(f"got more than {self.num_views} views: this PCScoreGram was built for {self.num_views}")
             if isinstance(block, np.ndarray) and not block.flags.writeable:
                 block = np.array(block)  # a read-only memmap slice: torch wants memory it may write
             X = torch.as_tensor(block).to(device=self.device, dtype=torch.float64)
@@ -75,6 +78,9 @@ class PCScoreGram:
             elif X.shape[0] != rows:
                 raise LayerscopeError(f"view {v} has {X.shape[0]} rows and view 0 has {rows}: views must hold the same rows")
             scores.append((X - self._means[v]) @ self._dirs[v].T)
+            del X
+        if len(scores) != self.num_views:
+            raise LayerscopeError(f"got {len(scores)} views: this PCScoreGram was built for {self.num_views}")
         Z = torch.cat(scores, dim=1)
         self._gram += Z.T @ Z
         self.count += int(rows)
