@@ -71,3 +71,25 @@ def test_real_model_beats_chance_on_copa(embedded_model, shared_data):
     # A 135M instruct model gets roughly 0.6-0.7 on COPA; chance is 0.5.
     assert result.acc > 0.55, result.acc
     assert np.all((result.predictions >= 0) & (result.predictions <= 1))
+
+
+def test_removing_the_top_component_of_an_outlier_layer_changes_the_loss(embedded_model, tmp_path):
+    """SmolLM2 has layers whose token representations are dominated by one direction (the massive
+    activation of the first token); projecting it out must hurt far more than a random direction."""
+    import pandas as pd
+
+    from layerscope.analyses.pc_removal import outlier_layer, run_pc_removal
+    from layerscope.analyses.spectral import layer_spectrum
+    from layerscope.capture import write_activations
+
+    model, tok = embedded_model
+    seqs = lm_sequences(tok, builtin_corpus(), seq_len=64, samples=8, seed=0)
+    store = write_activations(model, seqs, tmp_path / "store", pooling="tokens", pad_id=tok.pad_token_id)
+    spectra = [layer_spectrum(store, i, keep=2) for i in range(store.num_layers)]
+    layer = outlier_layer(pd.DataFrame([sp.summary() for sp in spectra]))
+    assert spectra[layer].ratio(1) > 0.5  # one direction carries most of that layer's variance
+    basis = (spectra[layer].mean, spectra[layer].components)
+    frame = run_pc_removal(model, seqs, layer, basis, tops=(1,), pad_id=tok.pad_token_id).to_frame().set_index("directions")
+    top, random = frame.loc["top", "loss_change"], frame.loc["random", "loss_change"]
+    assert top > 0.1, f"removing the top component of layer {layer} changed the loss by only {top:.4f}"
+    assert top > 10 * abs(random)

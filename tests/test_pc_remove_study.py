@@ -88,7 +88,7 @@ def test_outlier_layer_is_the_largest_top_component_share(tmp_path):
 def test_pc_remove_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "pcr"
     code, stdout, err = run_cli(["pc-remove", "tiny-llama", "--layer", "1", "--top", "1,2", "--samples", "4",
-                                 "--seq-len", "16", "--prompt", "the cat", "--max-new-tokens", "4", "--out", str(out)],
+                                 "--seq-len", "16", "--prompt", "the cat [/INST]", "--max-new-tokens", "4", "--out", str(out)],
                                 capsys)
     assert code == 0, err
     frame = pd.read_csv(out / "results.csv")
@@ -96,11 +96,11 @@ def test_pc_remove_command_end_to_end(tmp_path, capsys):
     np.testing.assert_allclose(frame["loss"] - frame["baseline_loss"], frame["loss_change"], atol=1e-12)
     generations = pd.read_json(out / "generations.jsonl", lines=True)
     assert list(generations.columns) == ["prompt", "original", "top1_removed_at_last_prompt_token", "top1_removed_everywhere"]
-    assert generations["prompt"].tolist() == ["the cat"]
+    assert generations["prompt"].tolist() == ["the cat [/INST]"]  # rich markup must not eat it
     config = json.loads((out / "run.json").read_text())["config"]
     assert config["layer"] == 1 and config["layer_chosen_by"] == "given"
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "the cat" in html
+    assert "data:image/png;base64," in html and "the cat [/INST]" in html and "the cat [/INST]" in stdout
 
 
 def test_pc_remove_auto_layer_and_bad_layer(tmp_path, capsys):

@@ -176,12 +176,10 @@ def pc_remove(
     n_layers = architecture(net).num_layers
     seqs = build_sequences(tok, data=data, instructions=instructions, template=template, samples=samples,
                            seq_len=seq_len, seed=seed, max_len=512)
-    chosen_by = "given"
+    chosen_by, basis = "given", None
     if layer == "auto":
-        from ..analyses.pc_removal import outlier_layer
-        from ..analyses.spectral import layer_spectrum
-
-        layer, chosen_by = _auto_layer(net, tok, seqs, outlier_layer, layer_spectrum), "largest top-PC variance share"
+        layer, basis = _auto_layer(net, tok, seqs, keep=max(max(tops), 8))
+        chosen_by = "largest top-PC variance share"
     try:
         layer = int(layer)
     except (TypeError, ValueError):
@@ -189,8 +187,10 @@ def pc_remove(
     if not -n_layers <= layer < n_layers:
         raise LayerscopeError(f"layer {layer} is out of range: allowed are auto or 0..{n_layers - 1}")
     layer %= n_layers
-    basis = load_directions(pca, str(layer)) if pca else fit_layer_pca(net, seqs, layer, pad_id=pad_id_of(tok),
-                                                                        keep=max(max(tops), 8))
+    if pca:
+        basis = load_directions(pca, str(layer))
+    elif basis is None:
+        basis = fit_layer_pca(net, seqs, layer, pad_id=pad_id_of(tok), keep=max(max(tops), 8))
     texts = list(prompts)
     if not texts and generate_examples and instructions:
         from ..data import load_instructions
@@ -227,15 +227,23 @@ def pc_remove(
     return result, folder.out
 
 
-def _auto_layer(net, tok, seqs, outlier_layer, layer_spectrum) -> int:
-    """The block whose output's top principal direction carries the largest share of variance (on the data's tokens)."""
+def _auto_layer(net, tok, seqs, *, keep: int):
+    """The block whose output's top principal direction carries the largest share of variance over
+    the data's tokens, and that block's PCA: one capture pass into a temporary activation store."""
     import tempfile
 
     import pandas as pd
 
+    from ..analyses.pc_removal import outlier_layer
+    from ..analyses.spectral import layer_spectrum
     from ..capture.activation_store import write_activations
+    from ..metrics import PCAResult
 
     with tempfile.TemporaryDirectory() as tmp:
         store = write_activations(net, seqs, Path(tmp) / "store", pooling="tokens", pad_id=pad_id_of(tok))
-        spectra = pd.DataFrame([layer_spectrum(store, i, keep=1).summary() for i in range(store.num_layers)])
-        return outlier_layer(spectra)
+        spectra = [layer_spectrum(store, i, keep=keep) for i in range(store.num_layers)]
+    layer = outlier_layer(pd.DataFrame([sp.summary() for sp in spectra]))
+    sp = spectra[layer]
+    ev = sp.eigenvalues[: len(sp.components)]
+    ratio = ev / sp.total_variance if sp.total_variance > 0 else ev * 0
+    return layer, PCAResult(mean=sp.mean, components=sp.components, explained_variance=ev, explained_variance_ratio=ratio)

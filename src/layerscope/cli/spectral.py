@@ -118,7 +118,7 @@ def pc_remove_cmd(
         console.print(f"  {row['directions']:>6} {row['k']:>3} directions removed: loss {row['loss']:.4f} "
                       f"({row['loss_change']:+.4f})")
     for gen in result.generations:
-        console.print(f"[bold]{gen['prompt'][-80:]!r}[/bold]", highlight=False)
+        console.print(f"prompt ...{gen['prompt'][-80:]!r}", markup=False, highlight=False)  # prompts may hold [/INST]
         for key, text in gen.items():
             if key != "prompt":
                 console.print(f"  {key}: {text!r}", markup=False, highlight=False)
