@@ -44,7 +44,7 @@ critical: setup
 spectral: setup
 	test -f runs/ft-dolly/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --samples 0 --lr 5e-5 --out runs/ft-dolly
 	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --out runs/spectral-dolly --quiet
-	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --pooling tokens --token-budget 16384 --out runs/spectral-tokens --quiet
+	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --pooling tokens --token-budget 16384 --skip-first 1 --out runs/spectral-tokens --quiet
 	$(BIN)/layerscope pc-remove smollm2-135m --layer auto --top 1,2,4 --instructions dolly --samples 64 --out runs/pc-remove
 
 test: setup

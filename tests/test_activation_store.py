@@ -266,3 +266,26 @@ def test_corrupt_store_refused(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text("{not json")
     with pytest.raises(LayerscopeError, match="corrupt: manifest.json is not readable JSON"):
         open_store(tmp_path / "s")
+
+
+def test_skip_first_leaves_out_the_first_positions_and_the_budget_counts_kept_rows(tmp_path):
+    model, tok = tiny("tiny-llama")
+    seqs = _seqs()
+    store = write_activations(model, seqs, tmp_path / "s", pooling="tokens", skip_first=2, pad_id=tok.pad_token_id,
+                              max_tokens=30)
+    assert store.num_rows == sum(n - 2 for n in LENGTHS) and store.skip_first == 2
+    assert [tuple(r) for r in store.rows.tolist()] == [(i, t) for i, n in enumerate(LENGTHS) for t in range(2, n)]
+    for i, seq in enumerate(seqs):
+        hidden = _hidden_states(model, seq)
+        rows = store.rows[:, 0] == i
+        np.testing.assert_allclose(store.layer(1)[rows], hidden[2][0, 2:].numpy(), rtol=1e-4, atol=1e-5)
+    budget = (LENGTHS[0] - 2) + 3  # example 0 whole (7 kept rows) and 3 kept rows of example 1
+    cut = write_activations(model, seqs, tmp_path / "b", pooling="tokens", skip_first=2, token_budget=budget,
+                            pad_id=tok.pad_token_id)
+    assert cut.num_rows == budget and cut.rows[-3:].tolist() == [[1, 2], [1, 3], [1, 4]]
+    with pytest.raises(LayerscopeError, match="different activation capture.*skip_first"):
+        write_activations(model, seqs, tmp_path / "s", pooling="tokens", skip_first=1, pad_id=tok.pad_token_id)
+    with pytest.raises(LayerscopeError, match="applies only to pooling 'tokens'"):
+        write_activations(model, seqs, tmp_path / "m", pooling="mean", skip_first=1)
+    with pytest.raises(LayerscopeError, match="no token is left"):
+        write_activations(model, seqs, tmp_path / "e", pooling="tokens", skip_first=100)

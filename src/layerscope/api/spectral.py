@@ -16,11 +16,11 @@ def _pooling(pooling: str, instructions: str | None) -> str:
     return ("last_prompt" if instructions else "mean") if pooling == "auto" else pooling
 
 
-def _capture(net, tok, seqs, out: Path, *, pooling, token_budget, progress, meta):
+def _capture(net, tok, seqs, out: Path, *, pooling, token_budget, progress, meta, skip_first=0):
     from ..capture.activation_store import write_activations
 
     return write_activations(net, seqs, out, pooling=pooling, token_budget=token_budget, pad_id=pad_id_of(tok),
-                             progress=progress, meta=meta)
+                             progress=progress, meta=meta, skip_first=skip_first)
 
 
 def activations(
@@ -33,6 +33,7 @@ def activations(
     seq_len: int = 128,
     pooling: str = "auto",
     token_budget: int | None = None,
+    skip_first: int = 0,
     out: str | Path | None = None,
     seed: int = 0,
     dtype: str | None = None,
@@ -48,8 +49,10 @@ def activations(
     folder = RunFolder(Path(out) if out else None, "activations")
     meta = {"model": model, "data": instructions or data, "template": template if instructions else None,
             "samples": samples, "seq_len": seq_len, "seed": seed}
-    store = _capture(net, tok, seqs, folder.out, pooling=pooling, token_budget=token_budget, progress=progress, meta=meta)
+    store = _capture(net, tok, seqs, folder.out, pooling=pooling, token_budget=token_budget, progress=progress, meta=meta,
+                     skip_first=skip_first)
     folder.write_run_json({"analysis": "activations", **meta, "pooling": pooling, "token_budget": token_budget,
+                           "skip_first": skip_first,
                            "rows": store.num_rows, "layers": store.num_layers},
                           seed=seed, fingerprint={"model": model_fingerprint(net), "data": sequences_fingerprint(seqs)})
     return store, folder.out
@@ -66,6 +69,7 @@ def spectral(
     seq_len: int = 128,
     pooling: str = "auto",
     token_budget: int | None = None,
+    skip_first: int = 0,
     ks: tuple[int, ...] = (1, 3, 10),
     window: int = 5,
     keep: int = 32,
@@ -91,7 +95,7 @@ def spectral(
     net, tok = load_model(model, dtype=dtype, device=device, seed=seed)
     seqs = build_sequences(tok, **kwargs, max_len=512)
     store = _capture(net, tok, seqs, folder.path("activations"), pooling=pooling, token_budget=token_budget,
-                     progress=progress, meta={"model": model, **meta})
+                     progress=progress, meta={"model": model, **meta}, skip_first=skip_first)
     fingerprint = {"model": model_fingerprint(net), "data": sequences_fingerprint(seqs)}
     other = None
     if vs:
@@ -104,9 +108,11 @@ def spectral(
         if len(other_seqs) != len(seqs):
             raise LayerscopeError(f"the two models saw {len(seqs)} and {len(other_seqs)} examples: they must see the same")
         other = _capture(other_net, other_tok, other_seqs, folder.path("activations-vs"), pooling=pooling,
-                         token_budget=token_budget, progress=progress, meta={"model": vs, **meta})
+                         token_budget=token_budget, progress=progress, meta={"model": vs, **meta},
+                         skip_first=skip_first)
         fingerprint["vs"] = model_fingerprint(other_net)
     config = {"analysis": "spectral", "model": model, "vs": vs, **meta, "pooling": pooling, "token_budget": token_budget,
+              "skip_first": skip_first,
               "ks": list(ks), "window": window, "keep": keep, "sample_rows": sample_rows, "rows": store.num_rows}
     folder.write_run_json(config, seed=seed, fingerprint=fingerprint)
     result = run_spectral(store, other, ks=ks, window=window, keep=keep, sample_rows=sample_rows, seed=seed)

@@ -41,7 +41,7 @@ ROWS = "rows.npy"
 DONE = "done.npy"
 # Settings that must agree for a folder's partial or finished store to be reused.
 IDENTITY_KEYS = ("format_version", "model_fingerprint", "data_fingerprint", "pooling", "include_embeddings",
-                 "dtype", "token_budget")
+                 "dtype", "token_budget", "skip_first")
 RESERVED_KEYS = IDENTITY_KEYS + ("labels", "hidden", "num_rows", "num_examples", "complete")
 
 
@@ -75,6 +75,7 @@ class ActivationStore:
             self.dtype: str = str(self.manifest["dtype"])
             self.include_embeddings: bool = bool(self.manifest["include_embeddings"])
             self.token_budget: int | None = self.manifest["token_budget"]
+            self.skip_first: int = int(self.manifest.get("skip_first", 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise LayerscopeError(f"activation store {self.path} is corrupt: bad manifest field ({exc})") from exc
         self.num_layers: int = len(self.labels)
@@ -164,6 +165,7 @@ def write_activations(
     dtype: str = "float32",
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    skip_first: int = 0,
 ) -> ActivationStore:
     """Capture every block's output (with ``include_embeddings`` first the embedding output) for
     ``sequences`` into the store folder ``out``, and return the store opened for reading.
@@ -173,18 +175,27 @@ def write_activations(
     be cut short; None: every token). ``dtype``: "float32" or "float16" on disk. ``meta`` (JSON-able)
     is merged into the manifest. A folder holding the same capture is reused: a finished one is
     returned at once, a partial one is completed, running only its missing examples.
+    ``skip_first=n`` (tokens only) leaves out each example's first ``n`` positions (the token budget
+    then counts the rows kept), e.g. the first token's massive activation.
     """
     _check_arguments(sequences, pooling, token_budget, dtype, include_embeddings)
-    sequences = _apply_budget(list(sequences), token_budget) if pooling == "tokens" else list(sequences)
+    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+        raise LayerscopeError(f"skip_first={skip_first!r}: allowed are integers >= 0")
+    if skip_first and pooling != "tokens":
+        raise LayerscopeError(f"skip_first={skip_first} applies only to pooling 'tokens', not {pooling!r}")
+    sequences = _apply_budget(list(sequences), token_budget, skip_first) if pooling == "tokens" else list(sequences)
     out = Path(out)
     arch = architecture(model)
     labels = (["emb"] if include_embeddings else []) + [str(i) for i in range(arch.num_layers)]
-    offsets = _row_offsets(sequences, pooling)
+    offsets = _row_offsets(sequences, pooling, skip_first)
+    if offsets[-1] == 0:
+        raise LayerscopeError(f"no token is left after skipping the first {skip_first} of every sequence")
     manifest = {
         "format_version": FORMAT_VERSION,
         "pooling": pooling,
         "include_embeddings": bool(include_embeddings),
         "token_budget": token_budget,
+        "skip_first": skip_first,
         "labels": labels,
         "hidden": arch.hidden_size,
         "num_rows": int(offsets[-1]),
@@ -202,7 +213,7 @@ def write_activations(
     pending = [i for i in range(len(sequences)) if not done[i]]
     if pending:
         _run(model, sequences, pending, offsets, shards, done, pooling=pooling, include_embeddings=include_embeddings,
-             pad_id=pad_id, max_tokens=max_tokens, progress=progress)
+             pad_id=pad_id, max_tokens=max_tokens, progress=progress, skip_first=skip_first)
     del shards, done
     _write_manifest(out, {**manifest, "complete": True})
     return ActivationStore(out)
@@ -243,9 +254,10 @@ def _check_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
     return meta
 
 
-def _apply_budget(sequences: list[ScoredSequence], token_budget: int | None) -> list[ScoredSequence]:
-    """The sequences taken in order until ``token_budget`` tokens, the last one cut to fit (the
-    models are causal, so a cut sequence's states are those of the full one at the same positions)."""
+def _apply_budget(sequences: list[ScoredSequence], token_budget: int | None, skip: int = 0) -> list[ScoredSequence]:
+    """The sequences taken in order until ``token_budget`` rows (tokens after the first ``skip`` of
+    each), the last one cut to fit (the models are causal, so a cut sequence's states are those of
+    the full one at the same positions)."""
     if token_budget is None:
         return sequences
     taken: list[ScoredSequence] = []
@@ -253,16 +265,16 @@ def _apply_budget(sequences: list[ScoredSequence], token_budget: int | None) -> 
     for seq in sequences:
         if left <= 0:
             break
-        if len(seq) > left:
-            seq = ScoredSequence(seq.input_ids[:left], seq.target_mask[:left], seq.group, seq.choice)
+        if len(seq) - skip > left:
+            seq = ScoredSequence(seq.input_ids[: skip + left], seq.target_mask[: skip + left], seq.group, seq.choice)
         taken.append(seq)
-        left -= len(seq)
+        left -= max(0, len(seq) - skip)
     return taken
 
 
-def _row_offsets(sequences: Sequence[ScoredSequence], pooling: str) -> np.ndarray:
+def _row_offsets(sequences: Sequence[ScoredSequence], pooling: str, skip: int = 0) -> np.ndarray:
     """``offsets[i]``: the first row of example ``i``; ``offsets[-1]``: the number of rows."""
-    counts = [len(s) for s in sequences] if pooling == "tokens" else [1] * len(sequences)
+    counts = [max(0, len(s) - skip) for s in sequences] if pooling == "tokens" else [1] * len(sequences)
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
 
@@ -316,19 +328,20 @@ def _open_for_writing(out: Path, manifest: dict[str, Any], sequences: Sequence[S
     _write_manifest(out, manifest)  # first, so a folder with our shards always has our manifest
     shards = [np.lib.format.open_memmap(out / shard_name(i), mode="w+", dtype=manifest["dtype"], shape=shape)
               for i in range(count)]
-    _write_rows(out / ROWS, sequences, offsets, manifest["pooling"])
+    _write_rows(out / ROWS, sequences, offsets, manifest["pooling"], manifest["skip_first"])
     done = np.lib.format.open_memmap(out / DONE, mode="w+", dtype=np.bool_, shape=(len(sequences),))
     done.flush()
     return shards, done
 
 
-def _write_rows(file: Path, sequences: Sequence[ScoredSequence], offsets: np.ndarray, pooling: str) -> None:
+def _write_rows(file: Path, sequences: Sequence[ScoredSequence], offsets: np.ndarray, pooling: str,
+                skip: int = 0) -> None:
     """``rows.npy``: per row, the example index and the token position, written example by example."""
     rows = np.lib.format.open_memmap(file, mode="w+", dtype=np.int64, shape=(int(offsets[-1]), 2))
     for i, seq in enumerate(sequences):
         start, stop = offsets[i], offsets[i + 1]
         rows[start:stop, 0] = i
-        rows[start:stop, 1] = np.arange(len(seq)) if pooling == "tokens" else _pooled_position(seq, pooling)
+        rows[start:stop, 1] = np.arange(skip, len(seq)) if pooling == "tokens" else _pooled_position(seq, pooling)
     rows.flush()
     del rows
 
@@ -342,7 +355,7 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def _run(model: torch.nn.Module, sequences: Sequence[ScoredSequence], pending: list[int], offsets: np.ndarray,
          shards: list[np.memmap], done: np.memmap, *, pooling: str, include_embeddings: bool,
-         pad_id: int | None, max_tokens: int, progress: bool) -> None:
+         pad_id: int | None, max_tokens: int, progress: bool, skip_first: int = 0) -> None:
     """Run the model over the ``pending`` examples, writing each batch into the shards as it comes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -351,7 +364,8 @@ def _run(model: torch.nn.Module, sequences: Sequence[ScoredSequence], pending: l
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("capture", total=len(pending))
         batches = iter_block_outputs(model, subset, pooling=pooling, include_embeddings=include_embeddings,
-                                     pad_id=0 if pad_id is None else pad_id, max_tokens=max_tokens)
+                                     pad_id=0 if pad_id is None else pad_id, max_tokens=max_tokens,
+                                     skip_first=skip_first)
         for index, layers in batches:
             examples = [pending[j] for j in index]
             _write_batch(shards, _destination(examples, offsets, pooling), layers)

@@ -69,16 +69,23 @@ def iter_block_outputs(
     include_embeddings: bool = False,
     pad_id: int = 0,
     max_tokens: int = 4096,
+    skip_first: int = 0,
 ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
     """Per batch: the indices of its sequences and every block's output (with
     ``include_embeddings`` first the input of block 0), pooled per sequence to ``(b, hidden)``
     float32 tensors on the model's device; with ``pooling="tokens"``, every real (non-padding) token
     as one row, ``(tokens in the batch, hidden)``, the same tokens in the same order for every layer.
-    Only one batch's activations are held at a time."""
+    Only one batch's activations are held at a time. ``skip_first=n`` (tokens only) leaves out
+    each sequence's first ``n`` positions: many models park a massive activation on the first token
+    (an attention sink), which then dominates any token-level covariance."""
     if not sequences:
         raise LayerscopeError("empty data set: nothing to capture")
     if pooling not in POOLINGS + ("tokens",):
         raise LayerscopeError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS + ('tokens',))}")
+    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+        raise LayerscopeError(f"skip_first={skip_first!r}: allowed are integers >= 0")
+    if skip_first and pooling != "tokens":
+        raise LayerscopeError(f"skip_first={skip_first} applies only to pooling 'tokens', not {pooling!r}")
     if pooling == "last_prompt":
         # The models are causal: the state at the last prompt token does not depend on what
         # follows it, so the response need not be run at all (about 3x less work on Dolly).
@@ -105,6 +112,8 @@ def iter_block_outputs(
             batch = batch.to(device)
             current["out"] = []
             current["real"] = batch.attention_mask.bool()
+            if skip_first:
+                current["real"][:, :skip_first] = False  # right padding: position p is token p of every row
             if pooling != "tokens":
                 current["weights"] = pool_positions(batch.target_mask, batch.attention_mask, pooling)
             with torch.inference_mode():

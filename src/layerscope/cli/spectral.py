@@ -37,6 +37,7 @@ def activations_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per corpus window.")] = 128,
     pooling: Annotated[str, typer.Option(help=POOL_HELP)] = "auto",
     token_budget: Annotated[Optional[int], typer.Option(help="With --pooling tokens: at most this many token rows.")] = None,
+    skip_first: Annotated[int, typer.Option(help="With --pooling tokens: leave out each sequence's first N tokens (e.g. 1: the first token's massive activation).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Store folder (default runs/activations-<timestamp>); a rerun resumes.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: Annotated[Optional[str], typer.Option()] = None,
@@ -47,7 +48,8 @@ def activations_cmd(
     from ..api.spectral import activations
 
     store, folder = activations(model, data=data, instructions=instructions, template=template, samples=samples,
-                                seq_len=seq_len, pooling=pooling, token_budget=token_budget, out=out, seed=seed,
+                                seq_len=seq_len, pooling=pooling, token_budget=token_budget, skip_first=skip_first,
+                                out=out, seed=seed,
                                 dtype=dtype, device=device, progress=not quiet)
     console.print(f"{store.num_layers} layers x {store.num_rows} rows x {store.hidden} ({store.pooling}) in {folder}")
 
@@ -62,6 +64,7 @@ def spectral_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per corpus window.")] = 128,
     pooling: Annotated[str, typer.Option(help=POOL_HELP)] = "auto",
     token_budget: Annotated[Optional[int], typer.Option(help="With --pooling tokens: at most this many token rows.")] = None,
+    skip_first: Annotated[int, typer.Option(help="With --pooling tokens: leave out each sequence's first N tokens (e.g. 1: the first token's massive activation).")] = 0,
     k: Annotated[str, typer.Option(help="Numbers of top principal components compared, comma-separated.")] = "1,3,10",
     window: Annotated[int, typer.Option(help="Window w of the representation term delta (the paper's spectral figure: 5).")] = 5,
     keep: Annotated[int, typer.Option(help="Principal directions kept per layer (saved in pca.safetensors).")] = 32,
@@ -77,7 +80,8 @@ def spectral_cmd(
     from ..api.spectral import spectral
 
     result, folder = spectral(model, vs=vs, data=data, instructions=instructions, template=template, samples=samples,
-                              seq_len=seq_len, pooling=pooling, token_budget=token_budget, ks=_ints(k, "--k"),
+                              seq_len=seq_len, pooling=pooling, token_budget=token_budget, skip_first=skip_first,
+                              ks=_ints(k, "--k"),
                               window=window, keep=keep, sample_rows=sample_rows, out=out, seed=seed, dtype=dtype,
                               device=device, progress=not quiet)
     for column, stats in result.correlations().items():
