@@ -26,7 +26,7 @@ demo: setup
 
 # The critical-layers study end to end on the embedded model (README, "Critical layers, end to end").
 # A finished fine-tune is kept (its folder is refused as an output again); the other runs resume.
-FT := --data dolly --template dolly --quiet
+FT := --data dolly --template dolly --exclude prune_16 --quiet
 ARM := $(FT) --samples 200 --max-len 384 --lr 1e-4
 critical: setup
 	test -f runs/ft-dolly/finetune.json || $(BIN)/layerscope finetune smollm2-135m $(FT) --samples 0 --lr 5e-5 --out runs/ft-dolly

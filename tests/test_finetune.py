@@ -371,6 +371,31 @@ def test_split_examples_keeps_the_training_set_and_holds_out_others(tmp_path):
         split_examples(str(path), 12, 2, seed=0)
 
 
+def test_split_examples_never_draws_an_excluded_example(tmp_path):
+    path = write_instructions(tmp_path / "inst.jsonl", 12)
+    test_set = tmp_path / "test.jsonl"
+    with open(test_set, "w", encoding="utf-8") as f:  # examples 0 and 3, with extra whitespace
+        f.write(json.dumps({"instruction": " Repeat the number 0. ", "context": "n=0", "response": "x"}) + "\n")
+        f.write(json.dumps({"instruction": "Repeat the number 3.", "context": "", "response": "y"}) + "\n")
+        f.write(json.dumps({"instruction": "Repeat the number 5.", "context": "other", "response": "z"}) + "\n")
+    train, held = split_examples(str(path), 6, 3, seed=1, exclude=[str(test_set)])
+    names = {e.instruction for e in train + held}
+    assert "Repeat the number 0." not in names and "Repeat the number 3." not in names
+    assert "Repeat the number 5." in names  # same instruction, other input: not the same example
+    assert len(train) == 6 and len(held) == 3 and not set(held) & set(train)
+    everything, _ = split_examples(str(path), None, 0, seed=1, exclude=[str(test_set)])
+    assert len(everything) == 12 - 2
+    train_only, _ = split_examples(str(path), 4, 0, seed=1, exclude=[str(test_set)])
+    assert len(train_only) == 4 and not {e.instruction for e in train_only} & {"Repeat the number 0.", "Repeat the number 3."}
+    with pytest.raises(LayerscopeError, match="nothing left to train on"):
+        split_examples(str(path), None, 0, seed=0, exclude=[str(path)])
+
+
+def test_paper_test_examples_are_excluded_from_dolly(shared_data):
+    train, _ = split_examples("dolly", None, 0, seed=0, exclude=["prune_16"])
+    assert len(load_instructions("dolly")) - len(train) == 7  # the 7 Dolly examples that are also test examples
+
+
 def test_parse_layer_list():
     assert parse_layer_list(None) is None and parse_layer_list(" ") is None
     assert parse_layer_list("3,4,5") == [3, 4, 5]

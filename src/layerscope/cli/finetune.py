@@ -37,6 +37,7 @@ def finetune_cmd(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
     save_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints (0: none).")] = 50,
+    exclude: Annotated[list[str], typer.Option(help="Instruction set whose examples are never trained on, e.g. prune_16 (the paper's Dolly test set; repeatable).")] = [],
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune chosen blocks on instruction data (response-only loss); full or LoRA."""
@@ -47,7 +48,7 @@ def finetune_cmd(
         method=method, layers=parse_layer_list(layers), freeze_layers=parse_layer_list(freeze_layers),
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         lora_r=lora_r, lora_alpha=lora_alpha, max_len=max_len, seed=seed, dtype=dtype, device=device,
-        save_every=save_every, progress=not quiet,
+        save_every=save_every, progress=not quiet, exclude=tuple(exclude),
     )
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     console.print(

@@ -14,17 +14,38 @@ from .config import FinetuneConfig
 from .sft import FinetuneResult, finetune
 
 
-def split_examples(data: str | os.PathLike, samples: int | None, eval_samples: int, seed: int):
-    """``(train, eval)`` instruction examples from one file, disjoint.
+def _example_key(example) -> tuple[str, str]:
+    return example.instruction.strip(), example.input.strip()
 
-    The training examples are exactly those of ``load_instructions(data, limit=samples, seed=seed)``
-    (so adding an evaluation set does not change them); the evaluation examples are
-    ``eval_samples`` drawn with the same seed from the examples left over, in file order."""
+
+def without_test_examples(examples: list, exclude: list[str] | tuple[str, ...]) -> list:
+    """``examples`` less those whose instruction and input (stripped) appear in any ``exclude`` set:
+    e.g. the critical-layers paper's 300 Dolly test examples (7 of them are in the Dolly subset)."""
+    if not exclude:
+        return examples
+    held_out = {_example_key(e) for source in exclude for e in load_instructions(source)}
+    kept = [e for e in examples if _example_key(e) not in held_out]
+    if not kept:
+        raise LayerscopeError(f"every training example is also in {', '.join(map(str, exclude))}: nothing left to train on")
+    return kept
+
+
+def split_examples(data: str | os.PathLike, samples: int | None, eval_samples: int, seed: int,
+                   exclude: list[str] | tuple[str, ...] = ()):
+    """``(train, eval)`` instruction examples from one file, disjoint, none of them in ``exclude``.
+
+    Without ``exclude``, the training examples are exactly those of
+    ``load_instructions(data, limit=samples, seed=seed)`` (so adding an evaluation set does not
+    change them); the evaluation examples are ``eval_samples`` drawn with the same seed from the
+    examples left over, in file order. With ``exclude``, the same draws are made from the examples
+    that are not in those sets."""
     if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 0:
         raise LayerscopeError(f"eval_samples must be a non-negative integer, got {eval_samples!r}")
-    if eval_samples == 0:
+    if eval_samples == 0 and not exclude:
         return load_instructions(data, limit=samples, seed=seed), []
-    examples = load_instructions(data)
+    examples = without_test_examples(load_instructions(data), exclude)
+    if eval_samples == 0:
+        return [examples[i] for i in pick(len(examples), samples, seed, "samples")], []
     train_idx = pick(len(examples), samples, seed, "samples")
     taken = set(train_idx)
     rest = [i for i in range(len(examples)) if i not in taken]
@@ -61,20 +82,22 @@ def run_finetune(
     device: str | None = None,
     save_every: int = 50,
     progress: bool = True,
+    exclude: list[str] | tuple[str, ...] = (),
 ) -> FinetuneResult:
     """Fine-tune ``base`` (registry name, folder, .gguf or hub id) on an instruction set into ``out``.
 
     ``samples`` training examples (None: all) are drawn from ``data`` with ``seed``; with
     ``eval_samples`` > 0 that many other examples of the same file are held out and the response-only
     loss on them is reported before and after. ``lr=None`` takes the method's default (2e-5 full,
-    2e-4 LoRA). See :class:`FinetuneConfig` for the rest."""
+    2e-4 LoRA). ``exclude`` names instruction sets (e.g. ``prune_16``) whose examples are never
+    trained on. See :class:`FinetuneConfig` for the rest."""
     config = FinetuneConfig(
         method=method, layers=layers, freeze_layers=freeze_layers, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
         seed=seed, save_every=save_every,
     )
     config.validate()  # refuse bad values before loading anything
-    train_examples, eval_examples = split_examples(data, samples, eval_samples, seed)
+    train_examples, eval_examples = split_examples(data, samples, eval_samples, seed, exclude)
     model, tokenizer = load_model(base, dtype=dtype, device=device, seed=seed)
     sequences = instruction_sequences(tokenizer, train_examples, template, max_len=max_len)
     eval_sequences = instruction_sequences(tokenizer, eval_examples, template, max_len=max_len) if eval_examples else None
