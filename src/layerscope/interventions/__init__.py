@@ -2,6 +2,7 @@
 
 from .base import Intervention, first_changed_block, intervene
 from .blocks import PassthroughBlock, SkipBlock, StartFromCache, block_returns_tuple
+from .low_rank import LASER_LNAMES, LowRank, SVDCache, laser_kept_rank, lname_roles
 from .pc_removal import PCRemoval
 from .substitution import SubstituteBlocks, check_substitutable
 from .weights import RoleEdit, ZeroRole
@@ -9,5 +10,5 @@ from .weights import RoleEdit, ZeroRole
 __all__ = [
     "Intervention", "intervene", "first_changed_block", "SkipBlock", "StartFromCache",
     "PassthroughBlock", "block_returns_tuple", "RoleEdit", "ZeroRole", "SubstituteBlocks", "check_substitutable",
-    "PCRemoval",
+    "PCRemoval", "LowRank", "SVDCache", "laser_kept_rank", "lname_roles", "LASER_LNAMES",
 ]
