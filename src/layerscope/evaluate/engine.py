@@ -174,15 +174,9 @@ class Evaluator:
             logprob[batch.index] = values.cpu().numpy()
         return SequenceScores(logprob, n_targets)
 
-    @torch.inference_mode()
-    def score(
-        self, interventions: Sequence[Intervention] = (), *, reuse: ResidualCache | None = None
-    ) -> SequenceScores:
-        """Score every sequence with the interventions applied.
-
-        With ``reuse``, each batch starts at the latest cached block not after the first block
-        the interventions change; the result equals a full forward pass.
-        """
+    def _each_batch(self, interventions: Sequence[Intervention], reuse: ResidualCache | None, per_batch) -> list:
+        """``per_batch(batch)`` for every batch with the interventions applied, starting each batch at
+        the latest cached block not after the first changed block (prefix reuse)."""
         interventions = list(interventions)
         start = 0
         if reuse is not None and interventions:
@@ -193,9 +187,62 @@ class Evaluator:
                 batch = batch.to(self.device)
                 prefix = [StartFromCache(start, reuse.get(b, start, self.device))] if start else []
                 with intervene(self.model, *prefix):
-                    results.append((batch, self._forward_logprobs(batch)))
+                    results.append((batch, per_batch(batch)))
                 self.block_forwards += self.arch.num_layers - start
-        return self._collect(results)
+        return results
+
+    @torch.inference_mode()
+    def score(
+        self, interventions: Sequence[Intervention] = (), *, reuse: ResidualCache | None = None
+    ) -> SequenceScores:
+        """Score every sequence with the interventions applied.
+
+        With ``reuse``, each batch starts at the latest cached block not after the first block
+        the interventions change; the result equals a full forward pass.
+        """
+        return self._collect(self._each_batch(interventions, reuse, self._forward_logprobs))
+
+    @torch.inference_mode()
+    def next_token(
+        self, candidates: Sequence[Sequence[int]], interventions: Sequence[Intervention] = (), *,
+        reuse: ResidualCache | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The next-token distribution after each sequence's last token: for sequence ``i`` and its
+        candidate token ids ``candidates[i]``, their log-probabilities and ranks (0 = the most likely
+        token of the whole vocabulary; the number of tokens strictly more likely). Returns two
+        ``(n, C)`` arrays (C = the most candidates of any sequence; missing ones are NaN / -1)."""
+        if len(candidates) != len(self.sequences):
+            raise LayerscopeError(f"{len(candidates)} candidate lists for {len(self.sequences)} sequences: give one per sequence")
+        width = max(len(c) for c in candidates)
+        vocab = None
+
+        def per_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal vocab
+            hidden = self.arch.base_model()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                            use_cache=False).last_hidden_state
+            last = batch.attention_mask.sum(dim=1) - 1
+            logits = self.arch.logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            vocab = logprobs.shape[-1]
+            ids = torch.full((len(batch.index), width), -1, dtype=torch.long)
+            for row, i in enumerate(batch.index):
+                ids[row, : len(candidates[i])] = torch.as_tensor(list(candidates[i]), dtype=torch.long)
+            ids = ids.to(logprobs.device)
+            bad = ((ids < -1) | (ids >= vocab)).nonzero()
+            if len(bad):
+                row, col = bad[0].tolist()
+                raise LayerscopeError(f"candidate token id {int(ids[row, col])} is outside the vocabulary 0..{vocab - 1}")
+            chosen = logprobs.gather(1, ids.clamp(min=0))
+            ranks = (logprobs[:, None, :] > chosen[:, :, None]).sum(dim=-1)
+            missing = ids < 0
+            return chosen.double().masked_fill(missing, float("nan")), ranks.masked_fill(missing, -1)
+
+        logprob = np.full((len(self.sequences), width), np.nan)
+        rank = np.full((len(self.sequences), width), -1, dtype=np.int64)
+        for batch, (values, ranks) in self._each_batch(interventions, reuse, per_batch):
+            logprob[batch.index] = values.cpu().numpy()
+            rank[batch.index] = ranks.cpu().numpy()
+        return logprob, rank
 
     @torch.inference_mode()
     def capture(

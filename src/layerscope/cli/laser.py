@@ -1,0 +1,52 @@
+"""`layerscope laser`: LASER rank-reduction sweeps with the validation/test protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import LayerscopeError
+from .layer_lists import parse_layer_list
+
+console = Console()
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LayerscopeError(f"{what} {text!r} must be comma-separated numbers, e.g. 1,5,9.9") from None
+    if not values:
+        raise LayerscopeError(f"{what} {text!r} is empty: give comma-separated numbers, e.g. 1,5,9.9")
+    return values
+
+
+def laser_cmd(
+    model: Annotated[str, typer.Argument(help="Registry name, local folder, .gguf file or hub id.")] = "smollm2-135m",
+    task: Annotated[str, typer.Option(help="fever (LASER's prompt, from ../shared/data), an MC task name (piqa, boolq, ...) or a *.mc.jsonl file.")] = "fever",
+    samples: Annotated[Optional[int], typer.Option(help="Items drawn from the task (default: all).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Blocks to reduce, e.g. '20-29' or '3,7' (default: all).")] = None,
+    lname: Annotated[str, typer.Option(help="LASER matrix names, comma-separated: fc_in fc_out fc_up mlp k_proj q_proj v_proj out_proj attn.")] = "fc_in,fc_out",
+    rates: Annotated[str, typer.Option(help="LASER rates in [0, 10], comma-separated (rate r removes r tenths of the rank).")] = "1,5,9,9.5,9.9",
+    compose: Annotated[int, typer.Option(help="Greedy composition: up to this many more reductions on other layers.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/laser-<timestamp>); a rerun resumes.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Annotated[Optional[str], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option()] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Rank-reduce one matrix at a time (LASER); choose on validation, report on test."""
+    from ..api.laser import laser
+
+    lnames = tuple(part.strip() for part in lname.split(",") if part.strip())
+    result, folder = laser(model, task=task, samples=samples, layers=parse_layer_list(layers), lnames=lnames,
+                           rates=_floats(rates, "--rates"), compose=compose, out=out, seed=seed, dtype=dtype,
+                           device=device, progress=not quiet)
+    best, base = result.best, result.baseline
+    console.print(f"chosen on validation: layer {best['layer']}, {best['lname']}, rate {best['rate']:g}")
+    console.print(f"test accuracy {base['test']['accuracy']:.4f} unmodified -> {best['test']['accuracy']:.4f}; "
+                  f"test log-loss {base['test']['logloss']:.4f} -> {best['test']['logloss']:.4f}")
+    console.print(f"report in {folder / 'report.html'}")
