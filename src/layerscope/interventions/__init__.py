@@ -5,10 +5,13 @@ from .blocks import PassthroughBlock, SkipBlock, StartFromCache, block_returns_t
 from .low_rank import LASER_LNAMES, LowRank, SVDCache, laser_kept_rank, lname_roles
 from .pc_removal import PCRemoval
 from .substitution import SubstituteBlocks, check_substitutable
+from .vendi_projection import SelectionCache, VendiProjection
+from .vendi_selection import project_onto_rows, vendi_select
 from .weights import RoleEdit, ZeroRole
 
 __all__ = [
     "Intervention", "intervene", "first_changed_block", "SkipBlock", "StartFromCache",
     "PassthroughBlock", "block_returns_tuple", "RoleEdit", "ZeroRole", "SubstituteBlocks", "check_substitutable",
     "PCRemoval", "LowRank", "SVDCache", "laser_kept_rank", "lname_roles", "LASER_LNAMES",
+    "VendiProjection", "SelectionCache", "vendi_select", "project_onto_rows",
 ]

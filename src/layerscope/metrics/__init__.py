@@ -17,6 +17,7 @@ from layerscope.metrics.canonical_correlation import (
 from layerscope.metrics.kernel_alignment import MinibatchCKA, cka, cka_matrix, hsic, linear_cka, rbf_cka, representation_shift
 from layerscope.metrics.correlation import rank_correlation
 from layerscope.metrics.pc_scores import PCScoreGram
+from layerscope.metrics.vendi import VENDI_KERNELS, rbf_bandwidth, vendi_kernel, vendi_score, vendi_score_from_kernel
 from layerscope.metrics.pca import PCAResult, StreamingCovariance, effective_rank, participation_ratio, pca
 
 __all__ = [
@@ -42,4 +43,9 @@ __all__ = [
     "rbf_cka",
     "representation_shift",
     "svcca",
+    "VENDI_KERNELS",
+    "rbf_bandwidth",
+    "vendi_kernel",
+    "vendi_score",
+    "vendi_score_from_kernel",
 ]
