@@ -32,12 +32,14 @@ from ..data.sequences import ScoredSequence
 from ..errors import LayerscopeError
 from ..evaluate.engine import Evaluator
 from ..interventions.low_rank import LowRank, SVDCache
+from ..interventions.vendi_projection import SelectionCache, VendiProjection
 from ..models.architecture import architecture
 from ..runner import ResultsStore, run_sweep
 
 TOP_K = (1, 5, 10)
 METRICS = ("accuracy", "logloss", *(f"top{k}" for k in TOP_K))
 VALIDATION_SHARE = 0.2
+INTERVENTIONS = ("lowrank", "vendi")
 
 
 @dataclass
@@ -157,9 +159,17 @@ def run_laser(
     pad_id: int = 0,
     compose: int = 0,
     svd_dtype: torch.dtype = torch.float32,
+    intervention: str = "lowrank",
+    vendi_options: dict | None = None,
+    selection_cache: SelectionCache | None = None,
     progress: bool = True,
 ) -> LaserResult:
-    """Sweep layers x lnames x rates on a task; each point stored at once, resumable."""
+    """Sweep layers x lnames x rates on a task; each point stored at once, resumable.
+
+    ``intervention``: ``"lowrank"`` (LASER's SVD truncation) or ``"vendi"`` (the fork's projection
+    onto Vendi-selected rows, ``vendi_options``: bandwidth, use_quality, minimize)."""
+    if intervention not in INTERVENTIONS:
+        raise LayerscopeError(f"unknown intervention {intervention!r}: allowed are {', '.join(INTERVENTIONS)}")
     from ..runner import fingerprint
 
     n_layers = architecture(model).num_layers
@@ -170,6 +180,13 @@ def run_laser(
     val_idx, test_idx = split_index(len(items))
     cache = scorer.evaluator.capture(range(n_layers))[1]  # prefix reuse: every point starts at its layer
     svd = SVDCache(dtype=svd_dtype)
+    selections = selection_cache if selection_cache is not None else SelectionCache()
+    options = dict(vendi_options or {})
+
+    def reduction(lname: str, layer: int, rate: float):
+        if intervention == "vendi":
+            return VendiProjection(lname, layer, rate=rate, cache=selections, **options)
+        return LowRank(lname, layer, rate=rate, cache=svd)
 
     def metrics_of(per_item):
         out = {}
@@ -179,12 +196,13 @@ def run_laser(
         return out
 
     def compute(point: dict, fixed: list = ()) -> dict:
-        extra = [] if point["lname"] == "dont" else [LowRank(point["lname"], point["layer"], rate=point["rate"], cache=svd)]
+        extra = [] if point["lname"] == "dont" else [reduction(point["lname"], point["layer"], point["rate"])]
         return metrics_of(scorer.score([*fixed, *extra], reuse=cache))
 
     points = [{"layer": -1, "lname": "dont", "rate": 0.0}]
     points += [{"layer": layer, "lname": lname, "rate": float(rate)} for lname in lnames for layer in layers for rate in rates]
-    run_id = fingerprint({**run_parts, "analysis": "laser", "mode": scorer.mode})
+    run_id = fingerprint({**run_parts, "analysis": "laser", "mode": scorer.mode, "intervention": intervention,
+                          **({"vendi": options} if intervention == "vendi" else {})})
     rows_by_point = run_sweep(points, compute, store, run_id, description="laser sweep", progress=progress)
     rows = [r for point_row in rows_by_point for r in _point_rows(
         {k: point_row[k] for k in ("layer", "lname", "rate")}, point_row)]
@@ -193,12 +211,12 @@ def run_laser(
     best_row = max(rows_by_point, key=lambda r: (r["validation_accuracy"], -r["validation_logloss"]))
     best = {"layer": best_row["layer"], "lname": best_row["lname"], "rate": best_row["rate"],
             **{s: {m: best_row[f"{s}_{m}"] for m in METRICS} for s in ("validation", "test")}}
-    composed = (_compose(best, rows_by_point, compute, store, run_id, svd, rounds=compose, progress=progress)
+    composed = (_compose(best, rows_by_point, compute, store, run_id, reduction, rounds=compose, progress=progress)
                 if compose else [])
     return LaserResult(rows, best, baseline, composed)
 
 
-def _compose(best, rows_by_point, compute, store, run_id, svd, *, rounds: int, progress: bool) -> list[dict]:
+def _compose(best, rows_by_point, compute, store, run_id, reduction, *, rounds: int, progress: bool) -> list[dict]:
     """Greedy composition: keep the best reduction, search the grid again on the other layers with it
     applied, keep the best if it improves validation accuracy (ties: log-loss); up to ``rounds`` more."""
     chosen = [] if best["lname"] == "dont" else [dict(layer=best["layer"], lname=best["lname"], rate=best["rate"])]
@@ -208,7 +226,7 @@ def _compose(best, rows_by_point, compute, store, run_id, svd, *, rounds: int, p
     for step in range(1, rounds + 1):
         if not chosen:
             break
-        fixed = [LowRank(c["lname"], c["layer"], rate=c["rate"], cache=svd) for c in chosen]
+        fixed = [reduction(c["lname"], c["layer"], c["rate"]) for c in chosen]
         used = {c["layer"] for c in chosen}
         candidates = [dict(p, after=len(chosen), fixed=str(chosen)) for p in grid if p["layer"] not in used]
         if not candidates:

@@ -23,6 +23,10 @@ def laser(
     lnames: tuple[str, ...] = DEFAULT_LNAMES,
     rates: tuple[float, ...] = DEFAULT_RATES,
     compose: int = 0,
+    intervention: str = "lowrank",
+    bandwidth: float | str = 1.0,
+    use_quality: bool = False,
+    minimize: bool = False,
     out: str | Path | None = None,
     seed: int = 0,
     dtype: str | None = None,
@@ -35,6 +39,7 @@ def laser(
     from ..data.laser_tasks import load_task
     from ..data.sequences import sequences_fingerprint
     from ..interventions.low_rank import LASER_LNAMES, laser_kept_rank
+    from ..interventions.vendi_projection import SelectionCache
     from ..models.architecture import architecture
     from ..report.html import write_report
 
@@ -45,6 +50,8 @@ def laser(
     unknown = [name for name in lnames if name not in LASER_LNAMES]
     if unknown:
         raise LayerscopeError(f"unknown lname {unknown[0]!r}: allowed are {', '.join(LASER_LNAMES)}")
+    if intervention not in ("lowrank", "vendi"):
+        raise LayerscopeError(f"unknown intervention {intervention!r}: allowed are lowrank, vendi")
     items = load_task(task, limit=samples, seed=seed)
     net, tok = load_model(model, dtype=dtype, device=device, seed=seed)
     n_layers = architecture(net).num_layers
@@ -57,13 +64,17 @@ def laser(
 
     config = {"analysis": "laser", "model": model, "task": task, "samples": samples, "n_items": len(items),
               "layers": layers, "lnames": list(lnames), "rates": [float(r) for r in rates], "compose": compose,
+              "intervention": intervention,
+              **({"bandwidth": bandwidth, "use_quality": use_quality, "minimize": minimize} if intervention == "vendi" else {}),
               "dtype": str(net.dtype), "device": str(net.device)}
     run_parts = {"model": model_fingerprint(net), "task": task, "data": sequences_fingerprint(mc_sequences(tok, items)),
                  "version": __version__}
     folder.write_run_json(config, seed=seed, fingerprint=run_parts)
     with ResultsStore(folder.store_path) as store:
         result = run_laser(net, tok, items, layers=layers, lnames=lnames, rates=rates, store=store, run_parts=run_parts,
-                           pad_id=pad_id_of(tok), compose=compose, progress=progress)
+                           pad_id=pad_id_of(tok), compose=compose, intervention=intervention,
+                           vendi_options={"bandwidth": bandwidth, "use_quality": use_quality, "minimize": minimize},
+                           selection_cache=SelectionCache(folder.path("vendi-selections")), progress=progress)
     result.config.update(config)
     paths = result.save(folder)
     best, base = result.best, result.baseline
@@ -75,7 +86,8 @@ def laser(
         last = result.composed[-1]
         summary["greedy composition"] = (f"{last['interventions']}: test accuracy {last['test_accuracy']:.4f} "
                                          f"(validation {last['validation_accuracy']:.4f})")
-    write_report(folder.path("report.html"), title=f"LASER rank reduction of {model} on {task}", summary=summary,
+    what = "LASER rank reduction" if intervention == "lowrank" else "Vendi row selection (LASER fork)"
+    write_report(folder.path("report.html"), title=f"{what} of {model} on {task}", summary=summary,
                  table=result.to_frame(), figures=[p for p in paths if p.suffix == ".png"],
                  notes=["rate r keeps int(min(m, n) * (10 - r) / 10) singular values of each matrix (LASER's do_low_rank).",
                         "Validation: the first 20% of the items; test: the remaining 80%. The point with the best "

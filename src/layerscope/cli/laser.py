@@ -32,6 +32,10 @@ def laser_cmd(
     lname: Annotated[str, typer.Option(help="LASER matrix names, comma-separated: fc_in fc_out fc_up mlp k_proj q_proj v_proj out_proj attn.")] = "fc_in,fc_out",
     rates: Annotated[str, typer.Option(help="LASER rates in [0, 10], comma-separated (rate r removes r tenths of the rank).")] = "1,5,9,9.5,9.9",
     compose: Annotated[int, typer.Option(help="Greedy composition: up to this many more reductions on other layers.")] = 0,
+    intervention: Annotated[str, typer.Option(help="lowrank (LASER's SVD truncation) or vendi (projection onto rows chosen by greedy Vendi score, the LASER fork).")] = "lowrank",
+    bandwidth: Annotated[str, typer.Option(help="Vendi RBF bandwidth: a number (the fork's 1) or median.")] = "1",
+    use_quality: Annotated[bool, typer.Option("--use-quality", help="Vendi: weight the score by the mean quality exp(-|x|^2).")] = False,
+    min_diversity: Annotated[bool, typer.Option("--min-diversity", help="Vendi: pick the least diverse rows instead.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/laser-<timestamp>); a rerun resumes.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: Annotated[Optional[str], typer.Option()] = None,
@@ -43,7 +47,9 @@ def laser_cmd(
 
     lnames = tuple(part.strip() for part in lname.split(",") if part.strip())
     result, folder = laser(model, task=task, samples=samples, layers=parse_layer_list(layers), lnames=lnames,
-                           rates=_floats(rates, "--rates"), compose=compose, out=out, seed=seed, dtype=dtype,
+                           rates=_floats(rates, "--rates"), compose=compose, intervention=intervention,
+                           bandwidth=bandwidth if bandwidth == "median" else _floats(bandwidth, "--bandwidth")[0],
+                           use_quality=use_quality, minimize=min_diversity, out=out, seed=seed, dtype=dtype,
                            device=device, progress=not quiet)
     best, base = result.best, result.baseline
     console.print(f"chosen on validation: layer {best['layer']}, {best['lname']}, rate {best['rate']:g}")
