@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layerscope-installed
 
-.PHONY: setup install model demo critical spectral test bench clean
+.PHONY: setup install model demo critical spectral laser test bench clean
 
 setup: install model
 
@@ -46,6 +46,12 @@ spectral: setup
 	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --out runs/spectral-dolly --quiet
 	$(BIN)/layerscope spectral smollm2-135m --vs runs/ft-dolly --instructions dolly --samples 512 --pooling tokens --token-budget 16384 --skip-first 1 --out runs/spectral-tokens --quiet
 	$(BIN)/layerscope pc-remove smollm2-135m --layer auto --top 1,2,4 --instructions dolly --samples 64 --out runs/pc-remove
+
+# LASER and its Vendi fork on FEVER (README, "Low-rank surgery").
+LASER_GRID := --task fever --samples 600 --layers 16-29 --lname fc_in,fc_out --rates 9,9.9 --quiet
+laser: setup
+	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --out runs/laser-fever
+	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --intervention vendi --out runs/vendi-fever
 
 test: setup
 	$(BIN)/python -m pytest -q
