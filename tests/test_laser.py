@@ -138,3 +138,27 @@ def test_laser_command_end_to_end_and_resume(tmp_path, capsys):
 def test_laser_command_refuses_bad_input(tmp_path, capsys, args, message):
     code, _, err = run_cli(["laser", "tiny-llama", "--samples", "10", *args, "--out", str(tmp_path / "x"), "--quiet"], capsys)
     assert code == 2 and message in err
+
+
+def test_greedy_composition_applies_the_first_choice_while_searching_the_next(tmp_path):
+    from layerscope.analyses.laser import run_laser
+    from layerscope.runner import ResultsStore
+
+    model, tok = tiny("tiny-llama")
+    items = [MCItem(str(i), f"w{i} w{i + 3} is", ("yes", "no"), i % 2) for i in range(20)]
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        result = run_laser(model, tok, items, layers=[1, 2, 3], lnames=["fc_out"], rates=[9.9], store=store,
+                           run_parts={"t": 1}, pad_id=tok.pad_token_id, compose=2, progress=False)
+    steps = result.composed
+    assert steps[0]["step"] == 0
+    if result.best["lname"] != "dont":
+        assert steps[0]["interventions"] == [{"layer": result.best["layer"], "lname": "fc_out", "rate": 9.9}]
+        scorer = TaskScorer.build(model, tok, items, pad_id=tok.pad_token_id)
+        for step in steps[1:]:  # each later step's numbers are those of all its reductions applied together
+            edits = [LowRank(c["lname"], c["layer"], rate=c["rate"]) for c in step["interventions"]]
+            per_item = scorer.score(edits)
+            assert step["validation_accuracy"] == pytest.approx(per_item["correct"][:4].mean())
+            assert len({c["layer"] for c in step["interventions"]}) == len(step["interventions"])
+            assert step["validation_accuracy"] > steps[step["step"] - 1]["validation_accuracy"] or (
+                step["validation_accuracy"] == steps[step["step"] - 1]["validation_accuracy"]
+                and step["validation_logloss"] < steps[step["step"] - 1]["validation_logloss"])
