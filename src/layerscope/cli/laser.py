@@ -26,7 +26,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 def laser_cmd(
     model: Annotated[str, typer.Argument(help="Registry name, local folder, .gguf file or hub id.")] = "smollm2-135m",
-    task: Annotated[str, typer.Option(help="fever (LASER's prompt, from ../shared/data), an MC task name (piqa, boolq, ...) or a *.mc.jsonl file.")] = "fever",
+    task: Annotated[str, typer.Option(help="fever (LASER's prompt, from ../shared/data); NAME:PATH for counterfact, truthfulqa, bios-gender, bios-profession, bigbench-<subtask> (or the bare name from the hub when online); an MC task name (piqa, boolq, ...) or a *.mc.jsonl file.")] = "fever",
     samples: Annotated[Optional[int], typer.Option(help="Items drawn from the task (default: all).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Blocks to reduce, e.g. '20-29' or '3,7' (default: all).")] = None,
     lname: Annotated[str, typer.Option(help="LASER matrix names, comma-separated: fc_in fc_out fc_up mlp k_proj q_proj v_proj out_proj attn.")] = "fc_in,fc_out",
