@@ -48,10 +48,10 @@ spectral: setup
 	$(BIN)/layerscope pc-remove smollm2-135m --layer auto --top 1,2,4 --instructions dolly --samples 64 --out runs/pc-remove
 
 # LASER and its Vendi fork on FEVER (README, "Low-rank surgery").
-LASER_GRID := --task fever --samples 600 --layers 16-29 --lname fc_in,fc_out --rates 9,9.9 --quiet
+LASER_GRID := --task fever --samples 600 --lname fc_in,fc_out --rates 9,9.9 --quiet
 laser: setup
-	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --out runs/laser-fever
-	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --intervention vendi --out runs/vendi-fever
+	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --layers 16-29 --out runs/laser-fever
+	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --layers 24-29 --intervention vendi --out runs/vendi-fever
 
 test: setup
 	$(BIN)/python -m pytest -q
