@@ -80,6 +80,14 @@ def laser(
     best, base = result.best, result.baseline
     summary = {**config, "validation items": result.rows[0]["n"], "test items": result.rows[1]["n"],
                "chosen on validation": f"layer {best['layer']}, {best['lname']}, rate {best['rate']:g}"}
+    from collections import Counter
+
+    from ..analyses.laser import split_index
+
+    val_idx, test_idx = split_index(len(items))
+    for split, index in (("validation", val_idx), ("test", test_idx)):
+        counts = Counter(items[i].label for i in index)
+        summary[f"{split}: always the most common answer"] = f"{max(counts.values()) / len(index):.4f}"
     for metric in METRICS:
         summary[f"test {metric}: unmodified -> chosen"] = f"{base['test'][metric]:.4f} -> {best['test'][metric]:.4f}"
     if result.composed:
