@@ -201,8 +201,9 @@ def run_laser(
 
     points = [{"layer": -1, "lname": "dont", "rate": 0.0}]
     points += [{"layer": layer, "lname": lname, "rate": float(rate)} for lname in lnames for layer in layers for rate in rates]
-    run_id = fingerprint({**run_parts, "analysis": "laser", "mode": scorer.mode, "intervention": intervention,
-                          **({"vendi": options} if intervention == "vendi" else {})})
+    # lowrank points keep the identity they had before Vendi existed, so those stores still resume
+    run_id = fingerprint({**run_parts, "analysis": "laser", "mode": scorer.mode,
+                          **({"intervention": intervention, "vendi": options} if intervention == "vendi" else {})})
     rows_by_point = run_sweep(points, compute, store, run_id, description="laser sweep", progress=progress)
     rows = [r for point_row in rows_by_point for r in _point_rows(
         {k: point_row[k] for k in ("layer", "lname", "rate")}, point_row)]
