@@ -49,6 +49,29 @@ def machine() -> str:
     return desc
 
 
+def peak_rss_mib() -> float:
+    """This process image's peak resident memory (VmHWM), MiB; ``ru_maxrss`` where /proc is absent."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def publish(lines: list[str], md: str | Path, started: float) -> None:
+    """Print a benchmark's markdown section and write it to ``md`` (pasted into BENCHMARKS.md by hand)."""
+    text = "\n".join([*lines, ""])
+    print(text)
+    md = Path(md)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text)
+    print(f"(written to {md}; whole run {time.perf_counter() - started:.0f} s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")

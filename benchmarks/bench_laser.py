@@ -50,7 +50,6 @@ import datetime
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_ablate import peak_rss_mib  # benchmarks/ is the script's folder, first on sys.path
 
 MODEL = "smollm2-135m"
 TASK = "fever"
@@ -124,17 +125,6 @@ def usage(start: tuple, end: tuple) -> dict:
     wall = end[0] - start[0]
     wait = None if start[2] is None or end[2] is None else (end[2] - start[2]) / 1e6 / wall
     return {"wall": wall, "cpu_use": (end[1] - start[1]) / wall, "cpu_wait": wait}
-
-
-def peak_rss_mib() -> float:
-    """This process image's peak resident memory (VmHWM), MiB; ``ru_maxrss`` where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -470,7 +460,7 @@ def main() -> None:
     started = time.perf_counter()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch  # noqa: F401
-    from bench_ablate import machine
+    from bench_ablate import machine, publish
     from bench_cka import op_latency_ms
 
     from layerscope.interventions.low_rank import LASER_LNAMES
@@ -580,13 +570,7 @@ def main() -> None:
                        f"op {max(latency_start, latency_end):.2f} ms at worst, idle about 0.02 ms{worst}): other jobs "
                        "shared the cores, so these seconds are not those of an idle machine, and a way that ran "
                        "while others competed is slowed more than the rest (see the CPU wait column).")]
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    md = Path(args.md)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(text)
-    print(f"(written to {md}; whole run {time.perf_counter() - started:.0f} s)", flush=True)
+    publish(lines, args.md, started)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_ablate import peak_rss_mib  # benchmarks/ is the script's folder, first on sys.path
+
 MODEL = "smollm2-135m"
 SEQ_LEN = 256
 KS = (1, 3, 10)
@@ -67,17 +69,6 @@ def pairs_of(num_layers: int) -> list[tuple[int, int, int]]:
     """Every (layer, neighbour, k) the spectral study reports, in run_spectral's order."""
     return [(layer, layer + off, k) for layer in range(num_layers) for off in OFFSETS
             if 0 <= layer + off < num_layers for k in KS]
-
-
-def peak_rss_mib() -> float:
-    """This process image's peak resident memory (VmHWM), MiB; ``ru_maxrss`` where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -273,7 +264,7 @@ def main() -> None:
     started = time.perf_counter()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch  # noqa: F401
-    from bench_ablate import machine
+    from bench_ablate import machine, publish
     from bench_cka import op_latency_ms
 
     from layerscope.capture.activation_store import ActivationStore
@@ -391,13 +382,7 @@ def main() -> None:
                        f"scaled to all {calls} calls; its difference column covers those calls.")]
     if failed:
         lines += ["", f"**AGREEMENT CHECK FAILED** for {', '.join(failed)} (tolerance {TOLERANCE:g})."]
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    md = Path(args.md)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(text)
-    print(f"(written to {md}; whole run {time.perf_counter() - started:.0f} s)", flush=True)
+    publish(lines, args.md, started)
     if failed:
         raise SystemExit(f"ours and {', '.join(failed)} disagree by more than {TOLERANCE:g}: see the table")
 

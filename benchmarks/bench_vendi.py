@@ -294,7 +294,7 @@ def main() -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from bench_ablate import machine
+    from bench_ablate import machine, publish
     from bench_cka import op_latency_ms
 
     from layerscope.interventions.vendi_selection import TIE_ATOL, vendi_select
@@ -497,13 +497,7 @@ def main() -> None:
                        f"{0.5 * cores:.0f} or a small torch op above 1 ms); ratios may move on a quiet machine.")]
     if failures:
         lines += ["", "**SAME-SELECTION CHECK FAILED**: " + "; ".join(failures) + "."]
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    md = Path(args.md)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(text)
-    print(f"(written to {md}; whole run {time.perf_counter() - started:.0f} s)", flush=True)
+    publish(lines, args.md, started)
     if failures:
         raise SystemExit("selection check failed: " + "; ".join(failures))
 
