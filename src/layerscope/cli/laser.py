@@ -8,20 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..errors import LayerscopeError
-from .layer_lists import parse_layer_list
+from .layer_lists import parse_layer_list, parse_numbers
 
 console = Console()
 
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise LayerscopeError(f"{what} {text!r} must be comma-separated numbers, e.g. 1,5,9.9") from None
-    if not values:
-        raise LayerscopeError(f"{what} {text!r} is empty: give comma-separated numbers, e.g. 1,5,9.9")
-    return values
 
 
 def laser_cmd(
@@ -47,8 +37,8 @@ def laser_cmd(
 
     lnames = tuple(part.strip() for part in lname.split(",") if part.strip())
     result, folder = laser(model, task=task, samples=samples, layers=parse_layer_list(layers), lnames=lnames,
-                           rates=_floats(rates, "--rates"), compose=compose, intervention=intervention,
-                           bandwidth=bandwidth if bandwidth == "median" else _floats(bandwidth, "--bandwidth")[0],
+                           rates=parse_numbers(rates, "--rates", float), compose=compose, intervention=intervention,
+                           bandwidth=bandwidth if bandwidth == "median" else parse_numbers(bandwidth, "--bandwidth", float)[0],
                            use_quality=use_quality, minimize=min_diversity, out=out, seed=seed, dtype=dtype,
                            device=device, progress=not quiet)
     best, base = result.best, result.baseline

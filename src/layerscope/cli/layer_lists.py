@@ -1,6 +1,7 @@
-"""Parse layer lists written on the command line: ``"3,4,5"``, ``"3-7"``, ``"0,2,5-7"``, ``"-1"``,
+"""Parse lists written on the command line: layer lists ``"3,4,5"``, ``"3-7"``, ``"0,2,5-7"``, ``"-1"``,
 or a ``prediction.json`` written by ``layerscope critical-layers`` (``RUN/prediction.json`` for its
-predicted layers, ``RUN/prediction.json:control_layers`` for the control set)."""
+predicted layers, ``RUN/prediction.json:control_layers`` for the control set); and plain
+comma-separated numbers (``--k 1,3,10``, ``--rates 1,5,9.9``)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,15 @@ def _from_prediction(text: str) -> list[int]:
     if key not in lists:
         raise LayerscopeError(f"{path!r} has no layer list {key!r}; allowed: {', '.join(sorted(lists)) or 'none'}")
     return list(dict.fromkeys(lists[key]))
+
+
+def parse_numbers(text: str, what: str, kind: type = int) -> tuple:
+    """Comma-separated integers (``kind=int``) or numbers (``kind=float``); a clear error naming ``what``."""
+    noun, example = ("integers", "1,3,10") if kind is int else ("numbers", "1,5,9.9")
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LayerscopeError(f"{what} {text!r} must be comma-separated {noun}, e.g. {example}") from None
+    if not values:
+        raise LayerscopeError(f"{what} {text!r} is empty: give comma-separated {noun}, e.g. {example}")
+    return values

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..errors import LayerscopeError
+from .layer_lists import parse_numbers
 
 console = Console()
 
@@ -17,15 +17,6 @@ DATA_HELP = "Text corpus (used when --instructions is not given): builtin, wikit
 INSTR_HELP = "Instruction set: dolly, alpaca, prune_16 or a file (pooled at the last prompt token by default)."
 POOL_HELP = "last_prompt, last, mean or tokens (every real token, up to --token-budget); auto: last_prompt for instructions, else mean."
 
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise LayerscopeError(f"{what} {text!r} must be comma-separated integers, e.g. 1,3,10") from None
-    if not values:
-        raise LayerscopeError(f"{what} {text!r} is empty: give comma-separated integers, e.g. 1,3,10")
-    return values
 
 
 def activations_cmd(
@@ -81,7 +72,7 @@ def spectral_cmd(
 
     result, folder = spectral(model, vs=vs, data=data, instructions=instructions, template=template, samples=samples,
                               seq_len=seq_len, pooling=pooling, token_budget=token_budget, skip_first=skip_first,
-                              ks=_ints(k, "--k"),
+                              ks=parse_numbers(k, "--k"),
                               window=window, keep=keep, sample_rows=sample_rows, out=out, seed=seed, dtype=dtype,
                               device=device, progress=not quiet)
     for column, stats in result.correlations().items():
@@ -112,7 +103,7 @@ def pc_remove_cmd(
     """Remove a layer's top principal components: loss change and generations side by side."""
     from ..api.spectral import pc_remove
 
-    result, folder = pc_remove(model, layer=layer, tops=_ints(top, "--top"), positions=positions, data=data,
+    result, folder = pc_remove(model, layer=layer, tops=parse_numbers(top, "--top"), positions=positions, data=data,
                                instructions=instructions, template=template, samples=samples, seq_len=seq_len, pca=pca,
                                prompts=tuple(prompt), generate_examples=generate_examples,
                                max_new_tokens=max_new_tokens, control=not no_control, out=out, seed=seed, dtype=dtype,
