@@ -1,6 +1,7 @@
 """Hooks that record what flows through a model (the residual stream per block)."""
 
 from .activation_store import ActivationStore, open_store, write_activations
+from .linear_stats import RoleStatistics
 from .residual import POOLINGS, block_input, block_output, capture_block_outputs, iter_block_outputs, pool_positions
 
-__all__ = ["ActivationStore", "open_store", "write_activations", "POOLINGS", "block_input", "block_output", "capture_block_outputs", "iter_block_outputs", "pool_positions"]
+__all__ = ["ActivationStore", "RoleStatistics", "open_store", "write_activations", "POOLINGS", "block_input", "block_output", "capture_block_outputs", "iter_block_outputs", "pool_positions"]

@@ -7,11 +7,12 @@ from .pc_removal import PCRemoval
 from .substitution import SubstituteBlocks, check_substitutable
 from .vendi_projection import SelectionCache, VendiProjection
 from .vendi_selection import project_onto_rows, vendi_select
+from .targets import matrix_roles, weight_targets
 from .weights import RoleEdit, ZeroRole
 
 __all__ = [
     "Intervention", "intervene", "first_changed_block", "SkipBlock", "StartFromCache",
     "PassthroughBlock", "block_returns_tuple", "RoleEdit", "ZeroRole", "SubstituteBlocks", "check_substitutable",
     "PCRemoval", "LowRank", "SVDCache", "laser_kept_rank", "lname_roles", "LASER_LNAMES",
-    "VendiProjection", "SelectionCache", "vendi_select", "project_onto_rows",
+    "matrix_roles", "weight_targets", "VendiProjection", "SelectionCache", "vendi_select", "project_onto_rows",
 ]

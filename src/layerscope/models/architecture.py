@@ -443,6 +443,11 @@ class Architecture:
         owner = self.owner_role(role)
         return _get(self.block(layer), self.spec.modules[owner], where=f"block {layer}")
 
+    def role_rows(self, role: str, layer: int) -> torch.Tensor | None:
+        """For a part of a fused matrix, the indices of its rows (its entries in the fused module's
+        output); None for a role that owns its whole module."""
+        return self._resolve(role, layer)[1]
+
     def role_shape(self, role: str, layer: int) -> tuple[int, int]:
         """``(out_features, in_features)`` of the role's matrix."""
         module, rows = self._resolve(role, layer)
