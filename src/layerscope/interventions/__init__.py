@@ -3,6 +3,7 @@
 from .base import Intervention, first_changed_block, intervene
 from .blocks import PassthroughBlock, SkipBlock, StartFromCache, block_returns_tuple
 from .low_rank import LASER_LNAMES, LowRank, SVDCache, laser_kept_rank, lname_roles
+from .mean_ablation import MeanAblateBlock, MeanAblateRole
 from .pc_removal import PCRemoval
 from .substitution import SubstituteBlocks, check_substitutable
 from .vendi_projection import SelectionCache, VendiProjection
@@ -13,6 +14,6 @@ from .weights import RoleEdit, ZeroRole
 __all__ = [
     "Intervention", "intervene", "first_changed_block", "SkipBlock", "StartFromCache",
     "PassthroughBlock", "block_returns_tuple", "RoleEdit", "ZeroRole", "SubstituteBlocks", "check_substitutable",
-    "PCRemoval", "LowRank", "SVDCache", "laser_kept_rank", "lname_roles", "LASER_LNAMES",
+    "PCRemoval", "MeanAblateRole", "MeanAblateBlock", "LowRank", "SVDCache", "laser_kept_rank", "lname_roles", "LASER_LNAMES",
     "matrix_roles", "weight_targets", "VendiProjection", "SelectionCache", "vendi_select", "project_onto_rows",
 ]

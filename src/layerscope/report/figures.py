@@ -200,10 +200,13 @@ def heatmap(
     vmax: float | None = None,
     colorbar_label: str = "",
     annotate: bool | None = None,
+    symlog: float | None = None,
 ) -> Path:
     """A matrix (e.g. layer-by-layer CKA) as a heatmap with row 0 at the top; writes a PNG.
 
     ``annotate`` writes each value in its cell; by default only for matrices up to 16 x 16.
+    ``symlog`` (a positive threshold) colours on a symmetric log scale, linear within
+    ``+-symlog``: for values spanning orders of magnitude, e.g. loss changes from 1e-3 to 10.
     Accepts anything :func:`numpy.asarray` understands (lists, arrays, CPU tensors).
     """
     try:
@@ -219,7 +222,18 @@ def heatmap(
 
     fig = _figure((min(2.0 + 0.4 * cols, 14.0) + 1.5, min(1.5 + 0.4 * rows, 12.0) + 0.5))
     ax = fig.add_subplot()
-    image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    if symlog is not None:
+        from matplotlib.colors import SymLogNorm
+
+        if not symlog > 0:
+            raise LayerscopeError(f"symlog threshold {symlog!r} must be positive")
+        finite = m[np.isfinite(m)]
+        lo = vmin if vmin is not None else (float(finite.min()) if finite.size else -1.0)
+        hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+        norm = SymLogNorm(linthresh=symlog, vmin=min(lo, -symlog), vmax=max(hi, symlog))
+        image = ax.imshow(m, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    else:
+        image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     bar = fig.colorbar(image, ax=ax)
     if colorbar_label:
         bar.set_label(colorbar_label)
@@ -240,4 +254,35 @@ def heatmap(
     return _save(fig, path)
 
 
-__all__ = ["bar_chart", "heatmap", "line_chart"]
+def proxy_panels(
+    panels: Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float]]], bool]],
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "",
+) -> Path:
+    """Panels stacked over one shared x axis, each ``(ylabel, {name: (x, y)}, log_y)``: e.g. a
+    measured quantity per layer above the proxies meant to predict it. Non-positive values are left
+    out of a log-scaled panel."""
+    if not panels:
+        raise LayerscopeError("proxy_panels needs at least one panel")
+    fig = _figure((8.0, 2.6 * len(panels) + 0.6))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, series, log_y) in zip(axes, panels):
+        for name, (xs, ys) in series.items():
+            xs, ys = _numbers(xs, f"x of {name!r}"), _numbers(ys, f"series {name!r}")
+            keep = np.isfinite(ys) & ((ys > 0) if log_y else True)
+            ax.plot(xs[keep], ys[keep], marker="o", markersize=3, label=str(name))
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel, fontsize="small")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="x-small")
+    if title:
+        fig.suptitle(title)
+    if xlabel:
+        axes[-1].set_xlabel(xlabel)
+    return _save(fig, path)
+
+
+__all__ = ["bar_chart", "heatmap", "line_chart", "proxy_panels", "scatter_chart"]

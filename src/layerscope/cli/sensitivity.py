@@ -1,0 +1,56 @@
+"""`layerscope sensitivity`: ablate every block and weight role; proxies and their rank correlation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .layer_lists import parse_numbers
+
+console = Console()
+
+
+def _names(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def sensitivity_cmd(
+    model: Annotated[str, typer.Argument(help="Registry name, local folder, .gguf file or hub id.")] = "smollm2-135m",
+    units: Annotated[Optional[str], typer.Option(help="Units to ablate, comma-separated: block and roles q k v o gate up down (default: all).")] = None,
+    modes: Annotated[str, typer.Option(help="Ablations: skip (blocks), zero (roles), mean (both).")] = "skip,zero,mean",
+    spans: Annotated[Optional[str], typer.Option(help="Numbers of consecutive blocks skipped together (the angular distance's n; default 1,2,4,8 where the model is deep enough).")] = None,
+    data: Annotated[str, typer.Option(help="Text corpus for the loss: wikitext-2, tinyshakespeare, builtin, a file.")] = "wikitext-2",
+    instructions: Annotated[Optional[str], typer.Option(help="Use response-only loss on this instruction set instead.")] = None,
+    template: Annotated[str, typer.Option(help="Instruction template (with --instructions).")] = "dolly",
+    samples: Annotated[int, typer.Option(help="Corpus windows (or instruction examples).")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per corpus window.")] = 256,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/sensitivity-<timestamp>); a rerun resumes.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Annotated[Optional[str], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option()] = None,
+    no_reuse: Annotated[bool, typer.Option("--no-reuse", help="Disable prefix reuse (for comparison).")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Loss change when each block is skipped or mean-ablated and each role zeroed or mean-ablated,
+    with Block Influence and angular distance and their rank correlation to it."""
+    from ..api.sensitivity import sensitivity
+
+    result, folder = sensitivity(model, units=_names(units), modes=_names(modes) or (), spans=parse_numbers(spans, "--spans", int) if spans else None,
+                                 data=data, instructions=instructions, template=template, samples=samples, seq_len=seq_len,
+                                 out=out, seed=seed, dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet)
+    table = result.table()
+    view = Table(title="loss change per layer (nats/token)")
+    columns = [c for c in table.columns]
+    for col in columns:
+        view.add_column(col.replace("_", " "), justify="right")
+    for _, row in table.iterrows():
+        view.add_row(*[str(int(row[c])) if c == "layer" else f"{row[c]:.4f}" for c in columns])
+    console.print(view)
+    for c in result.correlations:
+        console.print(f"Spearman({c['proxy']}, {c['ablation']}, span {c['span']}) = {c['spearman']:.3f} "
+                      f"(p {c['spearman_p']:.2g}), Kendall {c['kendall']:.3f}")
+    console.print(f"results in {folder}")
