@@ -22,7 +22,7 @@ def sensitivity(
     data: str = "wikitext-2",
     instructions: str | None = None,
     template: str = "dolly",
-    samples: int = 16,
+    samples: int = 8,
     seq_len: int = 256,
     out: str | Path | None = None,
     seed: int = 0,

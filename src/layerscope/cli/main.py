@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import LayerscopeError
 from .finetune import finetune_cmd
+from .bitflip import bitflip_cmd
 from .laser import laser_cmd
 from .sensitivity import sensitivity_cmd
 from .spectral import activations_cmd, pc_remove_cmd, spectral_cmd
@@ -218,6 +219,7 @@ app.command("spectral")(spectral_cmd)
 app.command("pc-remove")(pc_remove_cmd)
 app.command("laser")(laser_cmd)
 app.command("sensitivity")(sensitivity_cmd)
+app.command("bitflip")(bitflip_cmd)
 
 
 @app.command("evaluate")

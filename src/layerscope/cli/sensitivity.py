@@ -26,7 +26,7 @@ def sensitivity_cmd(
     data: Annotated[str, typer.Option(help="Text corpus for the loss: wikitext-2, tinyshakespeare, builtin, a file.")] = "wikitext-2",
     instructions: Annotated[Optional[str], typer.Option(help="Use response-only loss on this instruction set instead.")] = None,
     template: Annotated[str, typer.Option(help="Instruction template (with --instructions).")] = "dolly",
-    samples: Annotated[int, typer.Option(help="Corpus windows (or instruction examples).")] = 16,
+    samples: Annotated[int, typer.Option(help="Corpus windows (or instruction examples).")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per corpus window.")] = 256,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/sensitivity-<timestamp>); a rerun resumes.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
