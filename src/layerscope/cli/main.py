@@ -14,6 +14,7 @@ from ..errors import LayerscopeError
 from .finetune import finetune_cmd
 from .bitflip import bitflip_cmd
 from .laser import laser_cmd
+from .noise import noise_cmd
 from .sensitivity import sensitivity_cmd
 from .spectral import activations_cmd, pc_remove_cmd, spectral_cmd
 
@@ -220,6 +221,7 @@ app.command("pc-remove")(pc_remove_cmd)
 app.command("laser")(laser_cmd)
 app.command("sensitivity")(sensitivity_cmd)
 app.command("bitflip")(bitflip_cmd)
+app.command("noise")(noise_cmd)
 
 
 @app.command("evaluate")
