@@ -269,5 +269,10 @@ def test_sensitivity_command_writes_a_tidy_table_and_the_report(tmp_path, capsys
     for name in ("report.html", "sensitivity.png", "proxies.png", "proxy_correlations.csv", "run.json"):
         assert (out / name).is_file()
     assert "Spearman(block_influence, block skip" in stdout
+    # the pruning allocation reads exactly the single-block skip losses of this table
+    from layerscope.analyses.pruning import sensitivity_from_run
+
+    table = pd.read_csv(out / "ablation_table.csv")
+    assert sensitivity_from_run(out) == pytest.approx(dict(zip(table["layer"], table["block_skip"])))
     code, _, stderr = run_cli(["sensitivity", "tiny-llama", "--data", "builtin", "--units", "gate,zz", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "unit 'zz'" in stderr

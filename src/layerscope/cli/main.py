@@ -15,6 +15,7 @@ from .finetune import finetune_cmd
 from .bitflip import bitflip_cmd
 from .laser import laser_cmd
 from .noise import noise_cmd
+from .prune import prune_cmd
 from .sensitivity import sensitivity_cmd
 from .spectral import activations_cmd, pc_remove_cmd, spectral_cmd
 
@@ -222,6 +223,7 @@ app.command("laser")(laser_cmd)
 app.command("sensitivity")(sensitivity_cmd)
 app.command("bitflip")(bitflip_cmd)
 app.command("noise")(noise_cmd)
+app.command("prune")(prune_cmd)
 
 
 @app.command("evaluate")
