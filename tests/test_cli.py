@@ -12,7 +12,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(autouse=True)

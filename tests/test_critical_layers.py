@@ -13,7 +13,7 @@ from layerscope.analyses.critical_layers import CriticalLayersResult
 from layerscope.analyses.representation import CKAResult
 from layerscope.errors import LayerscopeError
 from layerscope.metrics import representation_shift
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def cka_result(matrix: np.ndarray, window: int = 3) -> CKAResult:

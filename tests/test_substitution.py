@@ -22,7 +22,7 @@ from layerscope.models import model_fingerprint
 from layerscope.models.architecture import architecture
 from layerscope.models.tiny import TINY_MODELS, build_tiny_model
 from layerscope.runner import ResultsStore
-from tests.conftest import run_cli
+from conftest import run_cli
 
 EXAMPLES = [
     InstructionExample("Name a colour.", "", "Blue, as in the sky."),

@@ -10,7 +10,7 @@ from layerscope.analyses.representation import run_cka, token_cka_matrix
 from layerscope.data import lm_sequences
 from layerscope.errors import LayerscopeError
 from layerscope.metrics import cka
-from tests.conftest import tiny
+from conftest import tiny
 
 TEXTS = ["The cat sat on the mat and looked at the dog.", "A quick brown fox jumps over the lazy dog twice."]
 
