@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layerscope-installed
 
-.PHONY: setup install model demo critical spectral laser test bench clean
+.PHONY: setup install model demo critical spectral laser robustness test bench clean
 
 setup: install model
 
@@ -52,6 +52,15 @@ LASER_GRID := --task fever --samples 600 --lname fc_in,fc_out --rates 9,9.9 --qu
 laser: setup
 	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --layers 16-29 --out runs/laser-fever
 	$(BIN)/layerscope laser smollm2-135m $(LASER_GRID) --layers 24-29 --intervention vendi --out runs/vendi-fever
+
+# Sensitivity, pruning, weight noise and bit flips on the embedded model (README, "Sensitivity and robustness").
+robustness: setup
+	$(BIN)/layerscope sensitivity smollm2-135m --out runs/sensitivity --quiet
+	$(BIN)/layerscope prune smollm2-135m --method magnitude,wanda --sparsity 0.1,0.2,0.3,0.4,0.5,0.6,0.7 --out runs/prune --quiet
+	$(BIN)/layerscope prune smollm2-135m --method magnitude,wanda --pattern 2:4 --out runs/prune-2-4 --quiet
+	$(BIN)/layerscope prune smollm2-135m --method wanda --sparsity 0.5 --allocation runs/sensitivity --export runs/pruned-wanda-50-allocated --out runs/prune-allocated --quiet
+	$(BIN)/layerscope noise smollm2-135m --out runs/noise --quiet
+	$(BIN)/layerscope bitflip smollm2-135m --out runs/bitflip --quiet
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -95,10 +95,14 @@ class SensitivityResult:
         table = self.table()
         columns = [c for c in table.columns if c not in ("layer", "block_influence", "angular_distance")]
         matrix = table[columns].to_numpy(dtype=float).T
+        finite = np.abs(matrix[np.isfinite(matrix)])
+        top = float(finite.max()) if finite.size else 1.0
+        # diverging and symmetric about 0: an ablation that helps (negative) shows blue, not as a dark extreme
         return heatmap(matrix, path, title="Loss change when one unit of one layer is ablated (nats/token)",
                        xlabel="layer", ylabel="unit and ablation", xticklabels=table["layer"].tolist(),
-                       yticklabels=[c.replace("_", " ") for c in columns], cmap="magma",
-                       colorbar_label="loss change (symmetric log scale)", symlog=1e-3, annotate=False)
+                       yticklabels=[c.replace("_", " ") for c in columns], cmap="RdBu_r", vmin=-top, vmax=top,
+                       colorbar_label="loss change (symmetric log scale, linear within 0.001)", symlog=1e-3,
+                       annotate=False)
 
     def plot_proxies(self, path: str | Path) -> Path:
         from ..report.figures import proxy_panels

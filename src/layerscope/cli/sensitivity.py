@@ -43,13 +43,22 @@ def sensitivity_cmd(
                                  data=data, instructions=instructions, template=template, samples=samples, seq_len=seq_len,
                                  out=out, seed=seed, dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet)
     table = result.table()
-    view = Table(title="loss change per layer (nats/token)")
-    columns = [c for c in table.columns]
-    for col in columns:
-        view.add_column(col.replace("_", " "), justify="right")
+    shown = [c for c in ("block_skip", "block_mean", "o_zero", "down_zero", "block_influence", "angular_distance") if c in table]
+    roles = [c for c in table.columns if c not in ("layer", "block_skip", "block_mean", "block_influence", "angular_distance")]
+    header = {"block_skip": "skip", "block_mean": "mean", "o_zero": "attn off", "down_zero": "mlp off",
+              "block_influence": "BI", "angular_distance": "angle"}
+    view = Table(title="loss change per layer (nats/token): block skipped, mean-ablated; attention (o zero) and "
+                 "MLP (down zero) removed; the worst role ablation; the proxies")
+    for col in ["layer", *[header[c] for c in shown]] + (["worst role"] if roles else []):
+        view.add_column(col, justify="right")
     for _, row in table.iterrows():
-        view.add_row(*[str(int(row[c])) if c == "layer" else f"{row[c]:.4f}" for c in columns])
+        cells = [str(int(row["layer"]))] + [f"{row[c]:.4f}" for c in shown]
+        if roles:
+            worst = max(roles, key=lambda c: row[c] if row[c] == row[c] else float("-inf"))
+            cells.append(f"{worst.replace('_', ' ')} {row[worst]:.3f}")
+        view.add_row(*cells)
     console.print(view)
+    console.print(f"every column, every role: {folder / 'ablation_table.csv'}")
     for c in result.correlations:
         console.print(f"Spearman({c['proxy']}, {c['ablation']}, span {c['span']}) = {c['spearman']:.3f} "
                       f"(p {c['spearman_p']:.2g}), Kendall {c['kendall']:.3f}")
