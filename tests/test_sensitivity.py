@@ -276,3 +276,31 @@ def test_sensitivity_command_writes_a_tidy_table_and_the_report(tmp_path, capsys
     assert sensitivity_from_run(out) == pytest.approx(dict(zip(table["layer"], table["block_skip"])))
     code, _, stderr = run_cli(["sensitivity", "tiny-llama", "--data", "builtin", "--units", "gate,zz", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "unit 'zz'" in stderr
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-falcon", "tiny-gpt-neox"])
+def test_mean_ablations_restore_the_model_exactly_over_random_choices(name):
+    model, tokenizer = tiny(name)
+    arch = architecture(model)
+    roles = [r for r in arch.roles() if r in ("q", "k", "v", "o", "gate", "up", "down")]
+    ids = torch.tensor([s.input_ids for s in _sequences(tokenizer, samples=2, seq_len=12)])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        layers = sorted(rng.choice(arch.num_layers, size=int(rng.integers(1, arch.num_layers + 1)), replace=False).tolist())
+        role = roles[int(rng.integers(len(roles)))]
+        ablations = [MeanAblateRole(role, {layer: torch.randn(arch.role_shape(role, layer)[0]) for layer in layers}),
+                     MeanAblateBlock({layer: torch.randn(arch.hidden_size) for layer in layers})]
+        with pytest.raises(RuntimeError, match="inside"):  # restored also when the block raises
+            with intervene(model, *ablations[: 1 + trial % 2]), torch.no_grad():
+                changed = model(input_ids=ids).logits
+                assert not torch.equal(changed, before)
+                raise RuntimeError("inside")
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
