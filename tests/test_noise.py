@@ -469,13 +469,6 @@ def test_cli_prints_the_per_level_table(tmp_path):
     assert bad.exit_code != 0 and isinstance(bad.exception, LayerscopeError)
 
 
-def _registered() -> bool:
-    from layerscope.cli.main import app
-
-    return "noise" in [c.name for c in app.registered_commands]
-
-
-@pytest.mark.skipif(not _registered(), reason="`layerscope noise` is not registered in cli/main.py yet")
 def test_layerscope_noise_command(tmp_path, capsys):
     code, out, err = run_cli(["noise", "tiny-llama", "--levels", "0.1", "--seeds", "2", "--data", "builtin",
                               "--samples", "2", "--seq-len", "24", "--out", str(tmp_path / "o"), "--quiet"], capsys)

@@ -16,7 +16,7 @@ console = Console()
 
 
 def _number(x: float) -> str:
-    return f"{x:.4g}" if math.isfinite(x) else str(float(x))
+    return f"{x:.2g}" if math.isfinite(x) else str(float(x))
 
 
 def bitflip_cmd(
@@ -51,12 +51,11 @@ def bitflip_cmd(
                              device=device, progress=not quiet)
     table = Table(title=f"loss increase per flipped bit ({result.dtype}, {result.config['flips']} weights, "
                         f"unmodified loss {result.baseline_loss:.4f})")
-    for col in ("bit", "label", "field", "delta mean", "95% interval", "median", "diverged", "non-finite weights"):
+    for col in ("bit", "field", "loss increase", "95% interval", "diverged"):
         table.add_column(col, justify="right")
     for _, row in result.per_bit().iterrows():
-        table.add_row(str(int(row["bit"])), row["label"], row["field"], _number(row["delta_mean"]),
-                      f"[{_number(row['delta_lo'])}, {_number(row['delta_hi'])}]", _number(row["delta_median"]),
-                      f"{row['diverged_fraction']:.0%}", f"{row['nonfinite_sites_mean']:.1f}")
+        table.add_row(f"{int(row['bit'])} {row['label']}", row["field"], _number(row["delta_mean"]),
+                      f"[{_number(row['delta_lo'])}, {_number(row['delta_hi'])}]", f"{row['diverged_fraction']:.0%}")
     console.print(table)
     per_layer = result.per_layer()
     if not per_layer.empty:
