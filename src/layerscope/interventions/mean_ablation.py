@@ -36,21 +36,10 @@ def _check_vector(vector: torch.Tensor, size: int, what: str) -> torch.Tensor:
     return vector
 
 
-def _remove_all(handles: list) -> Undo:
-    def undo() -> None:
-        for handle in handles:
-            handle.remove()
+class _HookAblation(Intervention):
+    """Registers one forward hook per layer (``_register``); the undo removes them all."""
 
-    return undo
-
-
-class MeanAblateRole(Intervention):
-    """Replace the output of ``role`` at each layer of ``means`` by ``means[layer]`` for every token."""
-
-    def __init__(self, role: str, means: Mapping[int, torch.Tensor]):
-        self.role = role
-        self.layers = sorted(means)
-        self._means = dict(means)
+    layers: list[int]
 
     def first_block(self, model: nn.Module) -> int:
         return normalise_layers(self.layers, architecture(model).num_layers)[0]
@@ -59,16 +48,36 @@ class MeanAblateRole(Intervention):
         arch = architecture(model)
         normalise_layers(self.layers, arch.num_layers)
         handles = []
+
+        def undo() -> None:
+            for handle in handles:
+                handle.remove()
+
         try:
             for layer in self.layers:
-                out_features = arch.role_shape(self.role, layer)[0]
-                mean = _check_vector(self._means[layer], out_features, f"role {self.role!r} of layer {layer}")
-                rows = arch.role_rows(self.role, layer)
-                handles.append(arch.role_module(self.role, layer).register_forward_hook(self._hook(mean, rows)))
+                handles.append(self._register(arch, layer))
         except BaseException:
-            _remove_all(handles)()
+            undo()
             raise
-        return _remove_all(handles)
+        return undo
+
+    def _register(self, arch, layer: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MeanAblateRole(_HookAblation):
+    """Replace the output of ``role`` at each layer of ``means`` by ``means[layer]`` for every token."""
+
+    def __init__(self, role: str, means: Mapping[int, torch.Tensor]):
+        self.role = role
+        self.layers = sorted(means)
+        self._means = dict(means)
+
+    def _register(self, arch, layer: int):
+        out_features = arch.role_shape(self.role, layer)[0]
+        mean = _check_vector(self._means[layer], out_features, f"role {self.role!r} of layer {layer}")
+        rows = arch.role_rows(self.role, layer)
+        return arch.role_module(self.role, layer).register_forward_hook(self._hook(mean, rows))
 
     @staticmethod
     def _hook(mean: torch.Tensor, rows: torch.Tensor | None):
@@ -92,7 +101,7 @@ class MeanAblateRole(Intervention):
         return {"kind": "MeanAblateRole", "role": self.role, "layers": self.layers}
 
 
-class MeanAblateBlock(Intervention):
+class MeanAblateBlock(_HookAblation):
     """Replace the residual update of each block in ``updates`` by ``updates[layer]``:
     the block outputs ``input + updates[layer]`` for every token."""
 
@@ -100,21 +109,9 @@ class MeanAblateBlock(Intervention):
         self.layers = sorted(updates)
         self._updates = dict(updates)
 
-    def first_block(self, model: nn.Module) -> int:
-        return normalise_layers(self.layers, architecture(model).num_layers)[0]
-
-    def apply(self, model: nn.Module) -> Undo:
-        arch = architecture(model)
-        normalise_layers(self.layers, arch.num_layers)
-        handles = []
-        try:
-            for layer in self.layers:
-                update = _check_vector(self._updates[layer], arch.hidden_size, f"the update of block {layer}")
-                handles.append(arch.block(layer).register_forward_hook(self._hook(update), with_kwargs=True))
-        except BaseException:
-            _remove_all(handles)()
-            raise
-        return _remove_all(handles)
+    def _register(self, arch, layer: int):
+        update = _check_vector(self._updates[layer], arch.hidden_size, f"the update of block {layer}")
+        return arch.block(layer).register_forward_hook(self._hook(update), with_kwargs=True)
 
     @staticmethod
     def _hook(update: torch.Tensor):
