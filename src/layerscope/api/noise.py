@@ -13,7 +13,7 @@ from ..runner import ResultsStore, RunFolder
 from .common import build_sequences, check_positive, pad_id_of
 
 #: Default levels per scale: relative (x std of each tensor), absolute (the seed framework's levels).
-DEFAULT_LEVELS = {"relative": (0.01, 0.03, 0.1, 0.3, 1.0), "absolute": (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)}
+DEFAULT_LEVELS = {"relative": (0.01, 0.03, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0), "absolute": (0.001, 0.005, 0.01, 0.05, 0.1, 0.5)}
 
 
 def default_levels(scale: str) -> tuple[float, ...]:
