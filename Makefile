@@ -61,6 +61,7 @@ robustness: setup
 	$(BIN)/layerscope prune smollm2-135m --method wanda --sparsity 0.5 --allocation runs/sensitivity --export runs/pruned-wanda-50-allocated --out runs/prune-allocated --quiet
 	$(BIN)/layerscope noise smollm2-135m --out runs/noise --quiet
 	$(BIN)/layerscope bitflip smollm2-135m --out runs/bitflip --quiet
+	$(BIN)/layerscope bitflip smollm2-135m --target largest --flips 1 --bits sign,exp7,exp6,exp0,man22,man0 --layer-bit sign --out runs/bitflip-largest --quiet
 
 test: setup
 	$(BIN)/python -m pytest -q
