@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .layer_lists import parse_layer_list
+from .layer_lists import parse_layer_list, parse_names
 
 console = Console()
 
@@ -44,9 +44,8 @@ def bitflip_cmd(
     """Flip bit positions (sign, exponent, mantissa) of a few weights; loss per bit and per layer."""
     from ..api.bitflip import bitflip
 
-    role_list = None if roles is None else [r.strip() for r in roles.split(",") if r.strip()]
     result, folder = bitflip(model, bits=bits, flips=flips, seeds=seeds, layers=parse_layer_list(layers),
-                             roles=role_list, how=target, layer_bit=layer_bit, data=data, instructions=instructions,
+                             roles=parse_names(roles), how=target, layer_bit=layer_bit, data=data, instructions=instructions,
                              template=template, samples=samples, seq_len=seq_len, out=out, seed=seed, dtype=dtype,
                              device=device, progress=not quiet)
     table = Table(title=f"loss increase per flipped bit ({result.dtype}, {result.config['flips']} weights, "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .layer_lists import parse_layer_list, parse_numbers
+from .layer_lists import parse_layer_list, parse_names, parse_numbers
 
 console = Console()
 
@@ -35,7 +35,7 @@ def laser_cmd(
     """Rank-reduce one matrix at a time (LASER); choose on validation, report on test."""
     from ..api.laser import laser
 
-    lnames = tuple(part.strip() for part in lname.split(",") if part.strip())
+    lnames = parse_names(lname)
     result, folder = laser(model, task=task, samples=samples, layers=parse_layer_list(layers), lnames=lnames,
                            rates=parse_numbers(rates, "--rates", float), compose=compose, intervention=intervention,
                            bandwidth=bandwidth if bandwidth == "median" else parse_numbers(bandwidth, "--bandwidth", float)[0],

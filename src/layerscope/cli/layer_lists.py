@@ -63,6 +63,12 @@ def _from_prediction(text: str) -> list[int]:
     return list(dict.fromkeys(lists[key]))
 
 
+def parse_names(text: str | None) -> tuple[str, ...] | None:
+    """Comma-separated names (roles, units, methods, ...), stripped, blanks dropped; None stays None
+    (no choice made). Whether a name is allowed is the caller's to check."""
+    return None if text is None else tuple(part.strip() for part in str(text).split(",") if part.strip())
+
+
 def parse_numbers(text: str, what: str, kind: type = int) -> tuple:
     """Comma-separated integers (``kind=int``) or numbers (``kind=float``); a clear error naming ``what``."""
     noun, example = ("integers", "1,3,10") if kind is int else ("numbers", "1,5,9.9")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .layer_lists import parse_layer_list, parse_numbers
+from .layer_lists import parse_layer_list, parse_names, parse_numbers
 
 
 def noise_cmd(
@@ -33,10 +33,9 @@ def noise_cmd(
     """Add random noise to the weights at several levels and seeds; loss per level with a 95% interval."""
     from ..api.noise import format_interval, noise
 
-    role_list = None if roles is None else [part.strip() for part in roles.split(",") if part.strip()]
     result, folder = noise(model, levels=None if levels is None else parse_numbers(levels, "--levels", float),
                            seeds=seeds, distribution=distribution, scale=scale, layers=parse_layer_list(layers),
-                           roles=role_list, all_parameters=all_parameters, data=data, instructions=instructions,
+                           roles=parse_names(roles), all_parameters=all_parameters, data=data, instructions=instructions,
                            template=template, samples=samples, seq_len=seq_len, out=out, seed=seed, dtype=dtype,
                            device=device, progress=not quiet)
     table = result.summary()

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .layer_lists import parse_numbers
+from .layer_lists import parse_names, parse_numbers
 
 console = Console()
 
@@ -36,7 +36,7 @@ def prune_cmd(
     """Prune (magnitude, Wanda; unstructured or N:M) and measure perplexity against sparsity."""
     from ..api.prune import prune
 
-    methods = tuple(part.strip() for part in method.split(",") if part.strip())
+    methods = parse_names(method)
     sparsities = parse_numbers(sparsity, "--sparsity", float) if sparsity is not None else None
     result, folder = prune(model, methods=methods, sparsities=sparsities, pattern=pattern, allocation=allocation,
                            spread=spread, data=data, samples=samples, seq_len=seq_len, calibration=calibration,

@@ -9,13 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .layer_lists import parse_numbers
+from .layer_lists import parse_names, parse_numbers
 
 console = Console()
-
-
-def _names(text: Optional[str]) -> Optional[tuple[str, ...]]:
-    return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def sensitivity_cmd(
@@ -39,7 +35,7 @@ def sensitivity_cmd(
     with Block Influence and angular distance and their rank correlation to it."""
     from ..api.sensitivity import sensitivity
 
-    result, folder = sensitivity(model, units=_names(units), modes=_names(modes) or (), spans=parse_numbers(spans, "--spans", int) if spans else None,
+    result, folder = sensitivity(model, units=parse_names(units), modes=parse_names(modes) or (), spans=parse_numbers(spans, "--spans", int) if spans else None,
                                  data=data, instructions=instructions, template=template, samples=samples, seq_len=seq_len,
                                  out=out, seed=seed, dtype=dtype, device=device, reuse_prefix=not no_reuse, progress=not quiet)
     table = result.table()
