@@ -35,7 +35,7 @@ from ..data.sequences import ScoredSequence
 from ..errors import LayerscopeError
 from ..evaluate.engine import DEFAULT_MAX_TOKENS, Evaluator, ResidualCache
 from ..interventions import StartFromCache, block_returns_tuple, intervene, weight_targets
-from ..interventions.pruning import (DEFAULT_GROUP, GROUPS, METHODS, Prune, check_sparsity, magnitude_scores,
+from ..interventions.pruning import (DEFAULT_GROUP, GROUPS, METHODS, Prune, check_method, check_sparsity, magnitude_scores,
                                      nm_mask, parse_pattern, unstructured_mask, wanda_scores)
 from ..models.architecture import architecture
 from ..runner import ResultsStore, fingerprint, run_sweep
@@ -54,12 +54,6 @@ class _Stop(Exception):
 
 def pattern_label(pattern: tuple[int, int] | None) -> str:
     return UNSTRUCTURED if pattern is None else f"{pattern[0]}:{pattern[1]}"
-
-
-def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise LayerscopeError(f"unknown pruning method {method!r}: allowed are {', '.join(METHODS)}")
-    return method
 
 
 def _targets(model, targets) -> list[tuple[int, str]]:
@@ -105,7 +99,7 @@ def compute_masks(
     (unstructured only). ``group`` overrides the method's comparison group (:data:`DEFAULT_GROUP`).
     Wanda needs ``calibration`` sequences; the model is left unchanged.
     """
-    _check_method(method)
+    check_method(method)
     sparsity = check_sparsity(sparsity)
     pattern = parse_pattern(pattern)
     group = DEFAULT_GROUP[method] if group is None else group
@@ -369,7 +363,7 @@ def run_pruning(
     rerun resumes. The model is left unchanged. ``keep_masks`` keeps the masks of the points
     computed now in ``result.masks`` (e.g. to export one without computing it again).
     """
-    methods = list(dict.fromkeys(_check_method(m) for m in methods))
+    methods = list(dict.fromkeys(check_method(m) for m in methods))
     if not methods:
         raise LayerscopeError(f"no pruning methods given: allowed are {', '.join(METHODS)}")
     pattern = parse_pattern(pattern)

@@ -42,6 +42,14 @@ PARAMS = ["layer", "unit", "mode", "span"]
 METRICS = ["loss", "delta", "perplexity", "baseline_loss", "block_influence", "angular_distance"]
 
 
+def check_modes(modes) -> tuple[str, ...]:
+    """Refuse an ablation mode other than :data:`MODES`."""
+    for mode in modes:
+        if mode not in MODES:
+            raise LayerscopeError(f"mode {mode!r} is unknown; allowed: {allowed(MODES)}")
+    return tuple(modes)
+
+
 def unit_modes(unit: str, modes: tuple[str, ...]) -> tuple[str, ...]:
     """The modes of ``modes`` that apply to ``unit`` (blocks: skip, mean; roles: zero, mean)."""
     return tuple(m for m in modes if m in (BLOCK_MODES if unit == "block" else ROLE_MODES))
@@ -215,9 +223,7 @@ def run_sensitivity(
     for unit in units:
         if unit != "block" and unit not in roles:
             raise LayerscopeError(f"unit {unit!r} does not exist in a {arch.family} model; allowed: {allowed(('block', *roles))}")
-    for mode in modes:
-        if mode not in MODES:
-            raise LayerscopeError(f"mode {mode!r} is unknown; allowed: {allowed(MODES)}")
+    check_modes(modes)
     spans = tuple(n for n in DEFAULT_SPANS if n < L) if spans is None else tuple(sorted(set(spans)))
     for span in spans:
         if isinstance(span, bool) or not isinstance(span, int) or not 1 <= span <= L:

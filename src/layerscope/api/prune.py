@@ -27,14 +27,13 @@ def _source_id(source: str) -> str:
 
 def resolve_points(methods: Sequence[str], sparsities: Sequence[float] | None, pattern) -> tuple[list[str], list[float], tuple | None]:
     """Validated ``(methods, sparsities, pattern)``; with a pattern the sparsity is ``n/m``."""
-    from ..interventions.pruning import METHODS, check_sparsity, parse_pattern
+    from ..interventions.pruning import METHODS, check_method, check_sparsity, parse_pattern
 
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise LayerscopeError(f"no pruning method given: allowed are {', '.join(METHODS)}")
     for method in methods:
-        if method not in METHODS:
-            raise LayerscopeError(f"unknown pruning method {method!r}: allowed are {', '.join(METHODS)}")
+        check_method(method)
     pattern = parse_pattern(pattern)
     if sparsities is not None:
         sparsities = list(dict.fromkeys(check_sparsity(s) for s in sparsities))

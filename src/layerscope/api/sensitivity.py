@@ -7,7 +7,6 @@ from pathlib import Path
 
 from .. import __version__
 from ..data.sequences import sequences_fingerprint
-from ..errors import LayerscopeError
 from ..models import load_model, model_fingerprint
 from ..runner import ResultsStore, RunFolder
 from .common import build_sequences, check_positive, pad_id_of
@@ -33,14 +32,12 @@ def sensitivity(
 ):
     """Loss change per layer and unit (block skip / mean, role zero / mean), the proxies and their
     rank correlations; writes the run folder and returns ``(result, folder)``."""
-    from ..analyses.sensitivity import MODES, run_sensitivity
+    from ..analyses.sensitivity import check_modes, run_sensitivity
     from ..report.html import write_report
 
     check_positive("samples", samples)
     check_positive("seq-len", seq_len, 2)
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise LayerscopeError(f"mode {bad[0]!r} is unknown; allowed: {', '.join(MODES)}")
+    check_modes(modes)  # before the model is loaded
     net, tok = load_model(model, dtype=dtype, device=device, seed=seed)
     sequences = build_sequences(tok, data=data, instructions=instructions, template=template, samples=samples,
                                 seq_len=seq_len, seed=seed)

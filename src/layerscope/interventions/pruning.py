@@ -60,6 +60,13 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.detach().double().abs() * norm.to(device=weight.device, dtype=torch.float64)[None, :]
 
 
+def check_method(method: str) -> str:
+    """Refuse a pruning method other than :data:`METHODS`."""
+    if method not in METHODS:
+        raise LayerscopeError(f"unknown pruning method {method!r}: allowed are {', '.join(METHODS)}")
+    return method
+
+
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     """Refuse a sparsity outside ``0 <= s < 1`` (or not a number)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= float(sparsity) < 1:
@@ -191,5 +198,5 @@ class Prune(Intervention):
                 "pruned": pruned, "fraction": pruned / total if total else 0.0}
 
 
-__all__ = ["DEFAULT_GROUP", "METHODS", "GROUPS", "magnitude_scores", "wanda_scores", "check_sparsity",
+__all__ = ["DEFAULT_GROUP", "METHODS", "GROUPS", "magnitude_scores", "wanda_scores", "check_method", "check_sparsity",
            "check_pattern", "parse_pattern", "unstructured_mask", "nm_mask", "Prune"]
