@@ -115,28 +115,26 @@ class SensitivityResult:
     def plot_proxies(self, path: str | Path) -> Path:
         from ..report.figures import proxy_panels
 
-        skips = {}
-        for row in self.rows:
+        skips: dict[int, list[dict]] = {}
+        for row in sorted(self.rows, key=lambda r: r["layer"]):
             if row["unit"] == "block" and row["mode"] == "skip":
                 skips.setdefault(row["span"], []).append(row)
-        spans = sorted(skips)
-        one = sorted(skips.get(1, []), key=lambda r: r["layer"])
         corr = {(c["proxy"], c["span"]): c for c in self.correlations if c["ablation"] == "block skip"}
 
         def label(proxy: str, span: int) -> str:
             c = corr.get((proxy, span))
             return f" (Spearman {c['spearman']:.2f})" if c else ""
 
+        def curve(span: int, metric: str) -> tuple[list, list]:
+            return [r["layer"] for r in skips[span]], [r[metric] for r in skips[span]]
+
+        spans = sorted(skips)
         panels = [
             ("measured: loss change when skipped (nats/token)",
-             {f"{n} block{'s' if n > 1 else ''}": ([r["layer"] for r in sorted(skips[n], key=lambda r: r["layer"])],
-                                                   [r["delta"] for r in sorted(skips[n], key=lambda r: r["layer"])])
-              for n in spans}, True),
-            ("Block Influence 1 - cos(in, out)", {"BI" + label("block_influence", 1):
-                                                  ([r["layer"] for r in one], [r["block_influence"] for r in one])}, False),
-            ("angular distance d(l, n)", {f"n={n}" + label("angular_distance", n):
-                                          ([r["layer"] for r in sorted(skips[n], key=lambda r: r["layer"])],
-                                           [r["angular_distance"] for r in sorted(skips[n], key=lambda r: r["layer"])])
+             {f"{n} block{'s' if n > 1 else ''}": curve(n, "delta") for n in spans}, True),
+            ("Block Influence 1 - cos(in, out)",
+             {"BI" + label("block_influence", 1): curve(1, "block_influence")} if 1 in skips else {}, False),
+            ("angular distance d(l, n)", {f"n={n}" + label("angular_distance", n): curve(n, "angular_distance")
                                           for n in spans}, False),
         ]
         return proxy_panels(panels, path, title="Skipping blocks starting at layer l: measured loss change and the proxies",
